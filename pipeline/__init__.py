@@ -1,0 +1,1 @@
+"""Exactly-once order pipeline on Kafka with Faust."""

@@ -1,0 +1,102 @@
+"""``python -m pipeline COMMAND``: the pipeline's tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import orjson
+
+from pipeline.settings import Settings
+
+NOT_YET = {
+    "chaos": "kills and restarts workers while traffic flows, then reconciles (issue #4)",
+    "sink": "the exactly-once database sink (issue #5)",
+    "outbox-relay": "publishes a database outbox (issue #5)",
+}
+
+
+def _produce(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.admin import ensure_topics
+    from pipeline.generate import generate
+    from pipeline.kafka_io import produce
+
+    async def run() -> int:
+        await ensure_topics(
+            settings.bootstrap_servers, [settings.topic_raw], settings.partitions,
+            settings.replication,
+        )
+        records = generate(
+            args.count, seed=args.seed, dup_rate=args.dup_rate, bad_rate=args.bad_rate,
+            prefix=args.prefix,
+        )
+        return await produce(settings.bootstrap_servers, settings.topic_raw, records,
+                             rate=args.rate)
+
+    n = asyncio.run(run())
+    print(f"produced {n} records to {settings.topic_raw} at {settings.broker}")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.reconcile import reconcile
+
+    report = asyncio.run(reconcile(settings))
+    if args.json:
+        sys.stdout.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(report.render())
+    return 0 if report.ok else 1
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.bench import main as bench_main
+
+    return bench_main(args, settings)
+
+
+def _not_yet(name: str) -> int:
+    print(f"'{name}' is not available in this version yet: {NOT_YET[name]}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("produce", help="send demo or load events to orders.raw")
+    p.add_argument("--count", type=int, default=10_000, help="records to send (default 10000)")
+    p.add_argument("--dup-rate", type=float, default=0.3, help="share of re-sent copies (0.3)")
+    p.add_argument("--bad-rate", type=float, default=0.01, help="share of bad records (0.01)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    p.add_argument("--rate", type=float, default=None, help="records per second (unlimited)")
+    p.add_argument("--prefix", default="o", help="order id prefix, to keep runs apart")
+    p.set_defaults(func=_produce)
+
+    p = sub.add_parser("reconcile", help="prove exactly-once between input and outputs")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=_reconcile)
+
+    p = sub.add_parser("bench", help="throughput of exactly_once against at_least_once")
+    p.add_argument("--count", type=int, default=50_000, help="events per run (50000)")
+    p.add_argument("--quick", action="store_true", help="a short run (10000 events)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=_bench)
+
+    for name, text in NOT_YET.items():
+        p = sub.add_parser(name, help=f"(not yet available) {text}")
+        p.set_defaults(func=lambda a, s, _n=name: _not_yet(_n))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args, Settings())
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""The worker's entry point: ``faust -A pipeline.app worker -l info``."""
+
+from pipeline.topology import build
+
+topology = build()
+app = topology.app
+
+__all__ = ["app", "topology"]

@@ -1,0 +1,89 @@
+"""The app factory: maps :class:`~pipeline.settings.Settings` into ``faust.App`` explicitly."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import faust
+from faust.types import TransportT
+
+from pipeline.eos import Coordinator, ExactlyOnceTransactionManager
+from pipeline.settings import Settings
+from pipeline.stats import Stats
+from tables.store import EosTable
+
+log = logging.getLogger(__name__)
+
+#: Faust settings that Faust would read from the environment. We pass ``env={}`` so
+#: none of them applies; a worker that has one set says so, instead of silently
+#: running with a different broker or port than PIPELINE_* says.
+_FAUST_ENV = ("BROKER_URL", "WEB_PORT", "WEB_BIND", "APP_DATADIR", "F_DATADIR", "BROKER_COMMIT_INTERVAL")
+
+
+class PipelineApp(faust.App):
+    """``faust.App`` with our exactly-once transaction manager and topic bootstrap."""
+
+    settings: Settings
+    eos: Coordinator
+    stats: Stats
+
+    def _new_transport(self) -> TransportT:
+        transport = super()._new_transport()
+        if self.settings.exactly_once:
+            # The transport builds the consumer's transaction manager from this class
+            # attribute; an instance attribute keeps other apps in the process stock.
+            transport.TransactionManager = ExactlyOnceTransactionManager  # type: ignore[misc]
+        return transport
+
+    async def on_first_start(self) -> None:
+        # Source and output topics are declared here, before the consumer subscribes,
+        # with the partition count of the settings (Faust declares only internal ones).
+        from pipeline.admin import ensure_topics
+
+        s = self.settings
+        await ensure_topics(
+            s.bootstrap_servers,
+            [t.get_topic_name() for t in self.declared_topics],
+            s.partitions,
+            s.replication,
+        )
+        await super().on_first_start()
+
+    declared_topics: list[Any]
+
+
+def create_app(settings: Settings) -> PipelineApp:
+    for name in _FAUST_ENV:
+        if name in os.environ:
+            log.warning("%s is set but ignored: configure the pipeline with PIPELINE_*", name)
+    settings.datadir.mkdir(parents=True, exist_ok=True)
+    app = PipelineApp(
+        settings.app_id,
+        env={},
+        autodiscover=False,
+        broker=settings.broker,
+        datadir=str(settings.datadir),
+        processing_guarantee=settings.processing_guarantee.value,
+        store="rocksdb://",
+        Table=EosTable,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        table_standby_replicas=1,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        # A worker killed with -9 must lose its partitions within seconds, not 60.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
+        producer_acks=-1,
+        producer_linger=0.005,
+    )
+    app.settings = settings
+    app.eos = Coordinator(settings)
+    app.stats = Stats()
+    app.declared_topics = []
+    return app

@@ -1,0 +1,153 @@
+"""Plain aiokafka producing and ``read_committed`` reading, independent of Faust.
+
+``reconcile``, ``chaos``, ``bench`` and the tests read through these functions, so the
+proof never depends on the code it checks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from pipeline.generate import Record
+
+
+@dataclass(frozen=True, slots=True)
+class Msg:
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[Record],
+    *,
+    rate: float | None = None,
+    timestamp_ms: int | None = None,
+) -> int:
+    """Send records with an idempotent producer (``acks=all``); returns the count."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        max_request_size=2 * 1024 * 1024,
+    )
+    await producer.start()
+    n = 0
+    started = time.monotonic()
+    try:
+        pending = []
+        for rec in records:
+            pending.append(
+                await producer.send(topic, rec.value, key=rec.key, timestamp_ms=timestamp_ms)
+            )
+            n += 1
+            if len(pending) >= 5000:
+                for fut in pending:
+                    await fut
+                pending.clear()
+            if rate:
+                ahead = n / rate - (time.monotonic() - started)
+                if ahead > 0.005:
+                    import asyncio
+
+                    await asyncio.sleep(ahead)
+        for fut in pending:
+            await fut
+    finally:
+        await producer.stop()
+    return n
+
+
+async def end_offsets(bootstrap: str, topic: str, *, committed: bool = True) -> dict[int, int]:
+    """End offsets: the last stable offset (read_committed) or the high watermark."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed" if committed else "read_uncommitted",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if parts is None:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        ends = await consumer.end_offsets(tps) if tps else {}
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, until: dict[int, int] | None = None
+) -> AsyncIterator[Msg]:
+    """Every committed record of ``topic`` up to the end offsets taken at the start."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+        client_id=f"reader-{uuid.uuid4().hex[:8]}",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        if until is None:
+            parts = consumer.partitions_for_topic(topic)
+            if parts is None:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            ends = await consumer.end_offsets(tps) if tps else {}
+            until = {tp.partition: off for tp, off in ends.items()}
+        tps = [TopicPartition(topic, p) for p, end in until.items() if end > 0]
+        if not tps:
+            return
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        remaining = {tp for tp in tps}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, msgs in batch.items():
+                end = until[tp.partition]
+                for m in msgs:
+                    if m.offset >= end:
+                        break
+                    yield Msg(tp.partition, m.offset, m.timestamp, m.key, m.value)
+            for tp in list(remaining):
+                # Positions move past transaction markers too, so compare positions.
+                if await consumer.position(tp) >= until[tp.partition]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if parts is None:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        out: dict[int, int | None] = {}
+        for p in sorted(parts):
+            out[p] = await consumer.committed(TopicPartition(topic, p))
+        return out
+    finally:
+        await consumer.stop()

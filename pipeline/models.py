@@ -1,0 +1,125 @@
+"""The event schema of ``orders.raw`` and its validation, as pure functions.
+
+Validation never raises on bad input: it returns :class:`BadInput` with a reason that
+goes to the dead-letter topic, so one bad record can never stall a partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+MAX_VALUE_BYTES = 1024 * 1024
+MAX_ID_CHARS = 128
+MAX_AMOUNT = 2**63
+
+
+class EventType(StrEnum):
+    ORDER_CREATED = "OrderCreated"
+    PAYMENT_RECEIVED = "PaymentReceived"
+    ORDER_SHIPPED = "OrderShipped"
+    ORDER_CANCELLED = "OrderCancelled"
+
+
+_TYPES = {t.value: t for t in EventType}
+_NEEDS_AMOUNT = frozenset({EventType.ORDER_CREATED, EventType.PAYMENT_RECEIVED})
+
+
+@dataclass(frozen=True, slots=True)
+class OrderEvent:
+    event_id: str
+    type: EventType
+    order_id: str
+    ts_ms: int
+    user_id: str | None = None
+    amount_cents: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "type": self.type.value,
+            "order_id": self.order_id,
+            "ts_ms": self.ts_ms,
+        }
+        if self.user_id is not None:
+            out["user_id"] = self.user_id
+        if self.amount_cents is not None:
+            out["amount_cents"] = self.amount_cents
+        return out
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.to_json())
+
+
+@dataclass(frozen=True, slots=True)
+class BadInput:
+    reason: str
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass in Python; JSON true is not an amount.
+    return type(value) is int
+
+
+def _id_error(name: str, value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"field '{name}' must be a string" if value is not None else f"missing '{name}'"
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        return f"field '{name}' must have 1 to {MAX_ID_CHARS} characters"
+    return None
+
+
+def parse_event(raw: bytes | None, key: bytes | None = None) -> OrderEvent | BadInput:
+    """Decode and validate one ``orders.raw`` record (value bytes, key bytes)."""
+    if raw is None:
+        return BadInput("value is null (tombstone)")
+    if len(raw) > MAX_VALUE_BYTES:
+        return BadInput(f"value is {len(raw)} bytes, over the 1 MiB limit")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return BadInput(f"not JSON: {exc}")
+    if not isinstance(doc, dict):
+        return BadInput(f"not a JSON object but {type(doc).__name__}")
+    for name in ("event_id", "order_id"):
+        err = _id_error(name, doc.get(name))
+        if err:
+            return BadInput(err)
+    etype = _TYPES.get(doc.get("type"))  # type: ignore[arg-type]
+    if etype is None:
+        return BadInput(f"unknown type {doc.get('type')!r}")
+    ts = doc.get("ts_ms")
+    if not _is_int(ts):
+        return BadInput("missing 'ts_ms'" if ts is None else "field 'ts_ms' must be an integer")
+    user_id = doc.get("user_id")
+    if etype is EventType.ORDER_CREATED:
+        err = _id_error("user_id", user_id)
+        if err:
+            return BadInput(err)
+    elif user_id is not None and not isinstance(user_id, str):
+        return BadInput("field 'user_id' must be a string")
+    amount = doc.get("amount_cents")
+    if etype in _NEEDS_AMOUNT or amount is not None:
+        if amount is None:
+            return BadInput(f"missing 'amount_cents' on {etype.value}")
+        if not _is_int(amount) or not 0 <= amount < MAX_AMOUNT:
+            return BadInput("field 'amount_cents' must be an integer with 0 <= n < 2^63")
+    order_id = doc["order_id"]
+    if key is not None:
+        try:
+            key_text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadInput("key is not UTF-8")
+        if key_text != order_id:
+            return BadInput(f"key {key_text!r} does not equal order_id {order_id!r}")
+    return OrderEvent(
+        event_id=doc["event_id"],
+        type=etype,
+        order_id=order_id,
+        ts_ms=ts,
+        user_id=user_id,
+        amount_cents=amount,
+    )

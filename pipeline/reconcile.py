@@ -1,0 +1,225 @@
+"""``reconcile``: prove that the outputs are exactly the input, processed once.
+
+An independent rebuild: a plain aiokafka ``read_committed`` consumer reads
+``orders.raw`` up to its end offsets, replays the pure operators over it (no Faust, no
+tables of the worker), and diffs the result against what the output topics hold:
+
+* ``orders.unique``: every distinct valid ``event_id`` exactly once, nothing else, and
+  for every order the same sequence of events as the first copies in the input;
+* ``orders.dlq``: every bad input record exactly once (by topic, partition, offset), with
+  the reason the validator gives;
+* no transaction left open: on every output partition the last stable offset equals the
+  high watermark.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from agents.dedup import DeadLetter, Drop, Forward, decide_record
+from pipeline.kafka_io import end_offsets, read_topic
+from pipeline.settings import Settings
+
+EXAMPLES = 5
+
+
+@dataclass
+class TopicCheck:
+    topic: str
+    expected: int = 0
+    actual: int = 0
+    duplicates: int = 0
+    missing: int = 0
+    unexpected: int = 0
+    out_of_order: int = 0
+    mismatched: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(text)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.duplicates or self.missing or self.unexpected or self.out_of_order
+            or self.mismatched
+        )
+
+
+@dataclass
+class Report:
+    input_records: int = 0
+    checks: list[TopicCheck] = field(default_factory=list)
+    open_transactions: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks) and not self.open_transactions
+
+    @property
+    def duplicates(self) -> int:
+        return sum(c.duplicates for c in self.checks)
+
+    @property
+    def losses(self) -> int:
+        return sum(c.missing for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": "PASS" if self.ok else "FAIL",
+            "input_records": self.input_records,
+            "duplicates": self.duplicates,
+            "losses": self.losses,
+            "topics": [c.__dict__ | {"ok": c.ok} for c in self.checks],
+            "open_transactions": {
+                t: {str(p): {"lso": a, "hw": b} for p, (a, b) in parts.items()}
+                for t, parts in self.open_transactions.items()
+            },
+            "seconds": round(self.seconds, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+
+    def render(self) -> str:
+        lines = [f"reconcile: {self.input_records} input records"]
+        for c in self.checks:
+            lines.append(
+                f"  {c.topic:<24} expected {c.expected:>8}  actual {c.actual:>8}  "
+                f"duplicates {c.duplicates}  missing {c.missing}  unexpected {c.unexpected}  "
+                f"out-of-order {c.out_of_order}  mismatched {c.mismatched}"
+            )
+            lines.extend(f"      e.g. {ex}" for ex in c.examples)
+        for t, parts in self.open_transactions.items():
+            lines.append(f"  open transaction on {t}: {parts}")
+        lines.append(f"  time {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB")
+        lines.append(
+            f"verdict: {'PASS' if self.ok else 'FAIL'} "
+            f"({self.duplicates} duplicates, {self.losses} losses)"
+        )
+        return "\n".join(lines)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def reconcile(settings: Settings) -> Report:
+    started = time.monotonic()
+    bootstrap = settings.bootstrap_servers
+    report = Report()
+
+    # -- expected, rebuilt from the input --------------------------------------------
+    window_ms = settings.dedup_window_ms
+    seen: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+    expected_unique: dict[bytes, int] = {}  # event_id -> sequence number in its order
+    expected_order: dict[bytes, list[bytes]] = defaultdict(list)  # order_id -> event ids
+    expected_dlq: dict[tuple[int, int], str] = {}
+    raw_topic = settings.topic_raw
+    async for m in read_topic(bootstrap, raw_topic):
+        report.input_records += 1
+        state = seen[m.partition]
+        action = decide_record(
+            m.value, m.key, m.timestamp, (raw_topic, m.partition, m.offset), state.get, window_ms
+        )
+        if isinstance(action, Forward):
+            state[action.event_id] = action.first_ms.to_bytes(8, "big", signed=True)
+            doc = orjson.loads(m.value or b"")
+            order = doc["order_id"].encode()
+            expected_order[order].append(action.event_id)
+            expected_unique[action.event_id] = len(expected_order[order]) - 1
+        elif isinstance(action, DeadLetter):
+            expected_dlq[(m.partition, m.offset)] = orjson.loads(action.value)["reason"]
+        else:
+            assert isinstance(action, Drop)
+    seen.clear()
+
+    # -- orders.unique ------------------------------------------------------------------
+    uc = TopicCheck(settings.topic_unique, expected=len(expected_unique))
+    got: set[bytes] = set()
+    position: dict[bytes, int] = {}
+    async for m in read_topic(bootstrap, settings.topic_unique):
+        uc.actual += 1
+        try:
+            doc = orjson.loads(m.value or b"")
+            eid = doc["event_id"].encode()
+            order = doc["order_id"].encode()
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            uc.unexpected += 1
+            uc.note(f"undecodable record at {m.partition}:{m.offset}")
+            continue
+        if eid in got:
+            uc.duplicates += 1
+            uc.note(f"duplicate event_id {eid.decode()} at {m.partition}:{m.offset}")
+            continue
+        got.add(eid)
+        seq = expected_unique.get(eid)
+        if seq is None:
+            uc.unexpected += 1
+            uc.note(f"unexpected event_id {eid.decode()} at {m.partition}:{m.offset}")
+            continue
+        if m.key != order:
+            uc.mismatched += 1
+            uc.note(f"event {eid.decode()} keyed {m.key!r}, not by its order_id")
+        want = position.get(order, 0)
+        if seq != want:
+            uc.out_of_order += 1
+            uc.note(f"order {order.decode()}: {eid.decode()} came as #{want}, expected #{seq}")
+        position[order] = max(want, seq + 1)
+    for eid in expected_unique:
+        if eid not in got:
+            uc.missing += 1
+            uc.note(f"missing event_id {eid.decode()}")
+    report.checks.append(uc)
+
+    # -- orders.dlq ---------------------------------------------------------------------
+    dc = TopicCheck(settings.topic_dlq, expected=len(expected_dlq))
+    seen_dlq: set[tuple[int, int]] = set()
+    async for m in read_topic(bootstrap, settings.topic_dlq):
+        dc.actual += 1
+        try:
+            doc = orjson.loads(m.value or b"")
+            where = (int(doc["partition"]), int(doc["offset"]))
+            reason = doc["reason"]
+            src = doc["topic"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            dc.unexpected += 1
+            dc.note(f"undecodable dlq record at {m.partition}:{m.offset}")
+            continue
+        if src != raw_topic or where not in expected_dlq:
+            dc.unexpected += 1
+            dc.note(f"dlq record for {src}:{where} that is not bad input")
+            continue
+        if where in seen_dlq:
+            dc.duplicates += 1
+            dc.note(f"dlq duplicate for {src}:{where[0]}:{where[1]}")
+            continue
+        seen_dlq.add(where)
+        if reason != expected_dlq[where]:
+            dc.mismatched += 1
+            dc.note(f"dlq reason for {where}: {reason!r}, expected {expected_dlq[where]!r}")
+    for where in expected_dlq:
+        if where not in seen_dlq:
+            dc.missing += 1
+            dc.note(f"missing dlq record for {raw_topic}:{where[0]}:{where[1]}")
+    report.checks.append(dc)
+
+    # -- no transaction left open -------------------------------------------------------
+    for topic in (settings.topic_unique, settings.topic_dlq):
+        lso = await end_offsets(bootstrap, topic, committed=True)
+        hw = await end_offsets(bootstrap, topic, committed=False)
+        open_parts = {p: (lso[p], hw[p]) for p in hw if lso.get(p) != hw[p]}
+        if open_parts:
+            report.open_transactions[topic] = open_parts
+
+    report.seconds = time.monotonic() - started
+    report.peak_rss_mb = _peak_rss_mb()
+    return report

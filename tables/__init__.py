@@ -1,0 +1,1 @@
+"""Table definitions and state operators of the pipeline."""

@@ -1,0 +1,180 @@
+"""A RocksDB table store that never runs ahead of committed Kafka state.
+
+Subclass of Faust's rocksdict-backed store. In exactly-once mode, writes made while an
+event is processed go to an in-memory overlay keyed by the event's source partition.
+Reads during processing see the overlay first. :mod:`pipeline.eos` sends the overlay to
+the changelog inside the transaction and, only after the transaction committed, writes
+it to RocksDB in one write batch together with the changelog offset
+(:meth:`TransactionalStore.persist`). After ``kill -9`` the store therefore holds
+committed state, possibly behind the changelog (recovery replays the rest), but never a
+write of an aborted transaction.
+
+Reads without a current event (web views) see committed state only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import faust
+from faust import current_event
+from faust.stores.rocksdb import Store as RocksStore
+from faust.types import TP
+from rocksdict import WriteBatch
+
+if TYPE_CHECKING:
+    from pipeline.eos import Coordinator
+
+_DELETED = object()
+
+
+class TransactionalStore(RocksStore):
+    coordinator: Coordinator | None = None
+
+    def __init__(self, *args: Any, coordinator: Coordinator | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.coordinator = coordinator
+        # source TP -> {key: value or None (delete)} of the open transaction
+        self._dirty: dict[TP, dict[bytes, bytes | None]] = {}
+
+    @property
+    def transactional(self) -> bool:
+        return self.coordinator is not None and self.coordinator.fix("local-state")
+
+    @property
+    def changelog_topic_name(self) -> str:
+        return str(self.table.changelog_topic.get_topic_name())  # type: ignore[attr-defined]
+
+    # -- the overlay --------------------------------------------------------------------
+
+    def _overlay(self) -> tuple[dict[bytes, bytes | None], int] | None:
+        if not self.transactional:
+            return None
+        event = current_event()
+        if event is None:
+            return None
+        tp = event.message.tp
+        dirty = self._dirty.get(tp)
+        if dirty is None:
+            dirty = self._dirty[tp] = {}
+        return dirty, event.message.partition
+
+    def _set(self, key: bytes, value: bytes | None) -> None:
+        ov = self._overlay()
+        if ov is None:
+            super()._set(key, value)
+            return
+        dirty, partition = ov
+        dirty[key] = value
+        self._key_index[key] = partition
+
+    def _del(self, key: bytes) -> None:
+        ov = self._overlay()
+        if ov is None:
+            super()._del(key)
+            return
+        dirty, _ = ov
+        dirty[key] = None
+
+    def _get(self, key: bytes) -> bytes | None:
+        ov = self._overlay()
+        if ov is not None:
+            dirty, _ = ov
+            if key in dirty:
+                return dirty[key]
+        value: bytes | None = super()._get(key)
+        return value
+
+    def _contains(self, key: bytes) -> bool:
+        ov = self._overlay()
+        if ov is not None:
+            dirty, _ = ov
+            if key in dirty:
+                return dirty[key] is not None
+        return bool(super()._contains(key))
+
+    def dirty_items(self, tp: TP) -> Iterator[tuple[bytes, bytes | None]]:
+        dirty = self._dirty.get(tp)
+        if dirty:
+            yield from dirty.items()
+
+    def persist(self, tp: TP, changelog_offset: int | None) -> None:
+        """Write the committed overlay of ``tp`` and its changelog offset atomically."""
+        dirty = self._dirty.pop(tp, None)
+        if not dirty and changelog_offset is None:
+            return
+        db = self._db_for_partition(tp.partition)
+        batch = WriteBatch(raw_mode=True)
+        for key, value in (dirty or {}).items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        if changelog_offset is not None:
+            batch.put(self.offset_key, str(changelog_offset).encode())
+        db.write(batch)
+
+    def discard(self, tp: TP) -> None:
+        """Forget the uncommitted overlay of ``tp`` (aborted, or partition revoked)."""
+        self._dirty.pop(tp, None)
+
+    def scan_partition(self, partition: int, start: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` committed rows of one partition, in key order from ``start``."""
+        db = self._db_for_partition(partition)
+        it = db.iter()
+        if start is None:
+            it.seek_to_first()
+        else:
+            it.seek(start)
+        out: list[tuple[bytes, bytes]] = []
+        while it.valid() and len(out) < limit:
+            key = it.key()
+            if key != self.offset_key:
+                out.append((key, it.value()))
+            it.next()
+        return out
+
+
+class EosTable(faust.Table):
+    """Faust table whose changes reach the changelog through the commit, not ``send_soon``.
+
+    In exactly-once mode the changelog records are produced by :mod:`pipeline.eos` at
+    commit time from the store overlay (last value per key), inside the transaction of
+    the source partition. Stock ``on_key_set`` would also ``send_soon`` a record per
+    write through a buffer that the commit does not flush.
+    """
+
+    def _new_store_by_url(self, url: Any) -> TransactionalStore:
+        coordinator = getattr(self.app, "eos", None)
+        options = dict(self.options or {})
+        options.setdefault("driver", "rocksdict")
+        return TransactionalStore(
+            url,
+            self.app,
+            self,
+            table_name=self.name,
+            key_type=self.key_type,
+            key_serializer=self.key_serializer,
+            value_serializer=self.value_serializer,
+            value_type=self.value_type,
+            loop=self.loop,
+            options=options,
+            coordinator=coordinator,
+        )
+
+    def _changes_via_commit(self) -> bool:
+        data = self.data
+        return isinstance(data, TransactionalStore) and data.transactional
+
+    def on_key_set(self, key: Any, value: Any) -> None:
+        if self._changes_via_commit():
+            self._sensor_on_set(self, key, value)
+            return
+        super().on_key_set(key, value)
+
+    def on_key_del(self, key: Any) -> None:
+        if self._changes_via_commit():
+            self._sensor_on_del(self, key)
+            return
+        super().on_key_del(key)
