@@ -30,6 +30,8 @@ class Forward:
 
     event_id: bytes
     first_ms: int
+    #: ``orders.unique`` is keyed by order_id even when the input record had no key.
+    order_key: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,7 @@ def decide_record(
     event_id = parsed.event_id.encode()
     verdict = decide(decode_seen(lookup(event_id)), record_ms, window_ms)
     if verdict.unique:
-        return Forward(event_id, verdict.first_ms)
+        return Forward(event_id, verdict.first_ms, parsed.order_id.encode())
     return Drop()
 
 
@@ -94,12 +96,16 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
             record_ms = round(msg.timestamp * 1000)
             stats.seen += 1
             action = decide_record(
-                value, msg.key, record_ms, (msg.topic, msg.partition, msg.offset),
-                seen_table.get, window_ms,
+                value,
+                msg.key,
+                record_ms,
+                (msg.topic, msg.partition, msg.offset),
+                seen_table.get,
+                window_ms,
             )
             if isinstance(action, Forward):
                 seen_table[action.event_id] = encode_seen(action.first_ms)
-                await unique_topic.send(key=msg.key, value=value)
+                await unique_topic.send(key=action.order_key, value=value)
                 stats.unique += 1
             elif isinstance(action, Drop):
                 stats.duplicates_dropped += 1

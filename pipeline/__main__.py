@@ -25,15 +25,21 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> int:
         await ensure_topics(
-            settings.bootstrap_servers, [settings.topic_raw], settings.partitions,
+            settings.bootstrap_servers,
+            [settings.topic_raw],
+            settings.partitions,
             settings.replication,
         )
         records = generate(
-            args.count, seed=args.seed, dup_rate=args.dup_rate, bad_rate=args.bad_rate,
+            args.count,
+            seed=args.seed,
+            dup_rate=args.dup_rate,
+            bad_rate=args.bad_rate,
             prefix=args.prefix,
         )
-        return await produce(settings.bootstrap_servers, settings.topic_raw, records,
-                             rate=args.rate)
+        return await produce(
+            settings.bootstrap_servers, settings.topic_raw, records, rate=args.rate
+        )
 
     n = asyncio.run(run())
     print(f"produced {n} records to {settings.topic_raw} at {settings.broker}")
@@ -49,6 +55,24 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(report.render())
     return 0 if report.ok else 1
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from pipeline.procs import progress
+
+    deadline = time.monotonic() + (args.wait or 0)
+    while True:
+        done, total = asyncio.run(progress(settings))
+        if not args.wait or done >= total or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print(
+        f"{settings.topic_raw}: {done} of {total} records committed by group "
+        f"{settings.app_id} (lag {total - done})"
+    )
+    return 0 if done >= total else 1
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -79,9 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=_reconcile)
 
+    p = sub.add_parser("status", help="input records committed by the worker group, and lag")
+    p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for lag 0")
+    p.set_defaults(func=_status)
+
     p = sub.add_parser("bench", help="throughput of exactly_once against at_least_once")
     p.add_argument("--count", type=int, default=50_000, help="events per run (50000)")
-    p.add_argument("--quick", action="store_true", help="a short run (10000 events)")
+    p.add_argument("--quick", action="store_true", help="a short run (10000 events, 1 run)")
+    p.add_argument("--runs", type=int, default=3, help="runs per system; median reported (3)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=_bench)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -29,13 +30,13 @@ async def ensure_topics(
             existing = set(await admin.list_topics())
             missing = [n for n in wanted if n not in existing]
             if missing:
-                try:
+                with contextlib.suppress(TopicAlreadyExistsError):
                     await admin.create_topics(
-                        [NewTopic(n, partitions, replication, topic_configs=config or {})
-                         for n in missing]
+                        [
+                            NewTopic(n, partitions, replication, topic_configs=config or {})
+                            for n in missing
+                        ]
                     )
-                except TopicAlreadyExistsError:
-                    pass
                 log.info("created topics %s", missing)
             return
         except KafkaConnectionError:

@@ -66,7 +66,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -74,11 +74,12 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from faust import current_event
 from faust.transport.consumer import TransactionManager
+from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.types import TP
 from faust.types.tuples import RecordMetadata
 
 if TYPE_CHECKING:
-    from faust.types import AppT, StreamT
+    from faust.types import StreamT
 
     from pipeline.settings import Settings
     from tables.store import TransactionalStore
@@ -98,6 +99,10 @@ FIXES = (
 EXIT_COMMIT_FAILED = 70
 #: Exit status of a test-only injected crash.
 EXIT_INJECTED = 86
+
+
+class InjectedFailure(RuntimeError):
+    """Test-only: a commit step failed on purpose."""
 
 
 class Step(StrEnum):
@@ -135,6 +140,11 @@ class PartitionState:
     gate: asyncio.Lock = field(default_factory=asyncio.Lock)
     processed: int | None = None
     committed: int | None = None
+    #: the lowest offset that may be processed next (set when positions settle)
+    expected: int | None = None
+    #: after a seek: the offset processing must resume at, exactly
+    target: int | None = None
+    reseek_at: float = 0.0
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
 
     @property
@@ -154,7 +164,15 @@ class Coordinator:
         self.sources: set[str] = set()
         self.stores: dict[str, list[TransactionalStore]] = {}
         self._crash_count = 0
+        self._fail_count = 0
         self.commits = 0
+        self.skipped = 0
+        self.settled = False
+        self.unsettled_count = 0
+        self.reseeks = 0
+        #: set by the consumer: seek through Faust's consumer thread, and its read offsets
+        self.seek_wait: Callable[[Mapping[TP, int]], Awaitable[None]] | None = None
+        self.read_offsets: dict[TP, int | None] | None = None
         self.aborts = 0
         self.commit_seconds: list[float] = []
 
@@ -184,24 +202,158 @@ class Coordinator:
                 handler.flush()
             os._exit(EXIT_INJECTED)
 
+    async def fail_point(self, step: Step, producer: AIOKafkaProducer) -> None:
+        """Test-only: ``PIPELINE_FAIL_AT=<step>`` aborts the transaction and raises there."""
+        if self.settings.fail_at != step.value:
+            return
+        self._fail_count += 1
+        if self._fail_count > self.settings.crash_after:
+            log.warning("fault injection: failing commit step %r", step.value)
+            await producer.abort_transaction()
+            raise InjectedFailure(f"injected failure at commit step {step.value}")
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def unsettle(self) -> None:
+        """A rebalance started: positions are about to be re-seeked.
+
+        May be called from Faust's consumer thread: it only flips plain attributes.
+        """
+        self.settled = False
+        self.unsettled_count += 1
+
+    async def settle(self, committed: Mapping[TP, int | None]) -> None:
+        """Faust has seeked every stream partition to its committed offset.
+
+        For each partition we look up, with an independent ``read_committed`` consumer,
+        the first committed record at or after the committed offset: processing must
+        resume exactly there. Anything Faust delivers before it (fetched before the
+        seek) is skipped; if Faust delivers past it, the record was dropped and we seek
+        back (see :meth:`_admit`).
+        """
+        tps = [tp for tp in self.partitions if tp.topic in self.sources]
+        starts = {tp: committed.get(tp) for tp in tps}
+        targets = await self._first_records(
+            {tp: off for tp, off in starts.items() if off is not None}
+        )
+        for tp in tps:
+            st = self.partitions[tp]
+            st.expected = starts[tp]
+            st.target = targets.get(tp)
+            st.reseek_at = 0.0
+        self.settled = True
+
+    async def _first_records(self, starts: Mapping[TP, int]) -> dict[TP, int | None]:
+        """Offset of the first committed record at or after each start (None: none yet)."""
+        from aiokafka import AIOKafkaConsumer
+
+        out: dict[TP, int | None] = {tp: None for tp in starts}
+        if not starts:
+            return out
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=64 * 1024,
+        )
+        await consumer.start()
+        try:
+            ktps = {TopicPartition(tp.topic, tp.partition): tp for tp in starts}
+            consumer.assign(list(ktps))
+            ends = await consumer.end_offsets(list(ktps))
+            open_tps = set()
+            for ktp, tp in ktps.items():
+                if starts[tp] < ends[ktp]:
+                    consumer.seek(ktp, starts[tp])
+                    open_tps.add(ktp)
+            while open_tps:
+                batch = await consumer.getmany(*open_tps, timeout_ms=1000)
+                for ktp, msgs in batch.items():
+                    if msgs and ktp in open_tps:
+                        out[ktps[ktp]] = msgs[0].offset
+                        open_tps.discard(ktp)
+                for ktp in list(open_tps):
+                    if await consumer.position(ktp) >= ends[ktp]:
+                        open_tps.discard(ktp)  # only markers or aborted records
+        finally:
+            await consumer.stop()
+        return out
+
+    async def _admit(self, event: Any) -> PartitionState | None:
+        """The partition state if ``event`` is to be processed, else ``None`` (skip).
+
+        Faust can hand an agent records while tables are still being recovered and
+        before it seeks to the committed offsets (the consumer resumes fetching before
+        the seek, and its first positions may predate the previous owner's last commit);
+        and around that seek its read-offset filter can drop the records the seek was
+        meant to deliver. Events before the seek wait here (or are dropped if another
+        rebalance starts, as Faust drops its queued events then); after it, processing
+        resumes at exactly the first committed record at or after the committed offset,
+        in offset order, never skipping a record.
+        """
+        if not self.settled:
+            epoch = self.unsettled_count
+            # Polled, not an asyncio.Event: unsettle() runs on Faust's consumer thread.
+            while not self.settled and epoch == self.unsettled_count:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            if epoch != self.unsettled_count:
+                self.skipped += 1
+                return None
+        message = event.message
+        tp = message.tp
+        st = self.partitions.get(tp) or self.state(tp)
+        offset = message.offset
+        if st.target is not None:
+            if offset < st.target:
+                self.skipped += 1
+                self._keep_read_offset(tp, st.target)
+                return None
+            if offset > st.target:
+                # Faust dropped the record we must resume at: fetch it again.
+                self.skipped += 1
+                await self._reseek(tp, st)
+                return None
+            st.target = None
+        elif st.expected is not None and offset < st.expected:
+            self.skipped += 1
+            return None
+        st.expected = offset + 1
+        return st
+
+    def _keep_read_offset(self, tp: TP, offset: int) -> None:
+        # Faust's fetch loop drops records below its last delivered offset; stale
+        # deliveries ahead of the seek position would otherwise hide the target.
+        read = self.read_offsets
+        if read is not None and (read.get(tp) or 0) > offset:
+            read[tp] = offset
+
+    async def _reseek(self, tp: TP, st: PartitionState) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < st.reseek_at or st.target is None or self.seek_wait is None:
+            return
+        st.reseek_at = loop.time() + 1.0
+        self.reseeks += 1
+        log.warning("%s: record %d was not delivered after the seek; seeking back", tp, st.target)
+        self._keep_read_offset(tp, st.target)
+        await self.seek_wait({tp: st.target})
+
     async def each(self, stream: StreamT) -> AsyncIterator[Any]:
-        """Iterate a Faust stream so that commits see only whole events.
+        """Iterate a Faust stream so that commits see only whole events, in order.
 
         The gate of the event's source partition is held while the agent body runs for
         the event, and the event counts as processed once the body asks for the next one.
         """
-        if not self.fix("quiesce"):
-            async for value in stream:
-                event = stream.current_event
-                yield value
-                if event is not None:
-                    self.state(event.message.tp).processed = event.message.offset
-            return
+        quiesce = self.fix("quiesce")
         async for value in stream:
             event = stream.current_event
             assert event is not None
-            tp = event.message.tp
-            st = self.partitions.get(tp) or self.state(tp)
+            st = await self._admit(event)
+            if st is None:
+                continue
+            if not quiesce:
+                yield value
+                st.processed = event.message.offset
+                continue
             async with st.gate:
                 yield value
                 st.processed = event.message.offset
@@ -228,9 +380,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
     def _source_tps(self, tps: Iterable[TP]) -> set[TP]:
         assignor = self.app.assignor
         return {
-            tp
-            for tp in tps
-            if tp.topic in self.coordinator.sources and not assignor.is_standby(tp)
+            tp for tp in tps if tp.topic in self.coordinator.sources and not assignor.is_standby(tp)
         }
 
     # -- rebalance ----------------------------------------------------------------------
@@ -314,7 +464,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         else:
             # Stock Faust: the destination partition picks the transaction.
             p = self.consumer.key_partition(topic, key, partition)
-            tp = TP(source.topic, p.partition if hasattr(p, "partition") else int(p))
+            tp = TP(source.topic, source.partition if p is None else int(p))
             partition = tp.partition
         producer = self._producers.get(self.transactional_id(tp))
         if producer is None:
@@ -365,13 +515,23 @@ class ExactlyOnceTransactionManager(TransactionManager):
             if isinstance(result, BaseException):
                 if coord.fix("fatal-commit"):
                     fatal(f"commit of {tp} failed", result)
-                # Stock Faust: log and carry on with whatever state the transaction is in.
+                # Stock Faust: log, and carry on in a new transaction as if it committed.
                 log.error("commit of %s failed (swallowed, fix disabled): %r", tp, result)
+                await self._begin_quietly(tp)
         coord.commits += 1
         coord.commit_seconds.append(loop.time() - started)
         if len(coord.commit_seconds) > 1024:
             del coord.commit_seconds[:512]
         return True
+
+    async def _begin_quietly(self, tp: TP) -> None:
+        producer = self._producers.get(self.transactional_id(tp))
+        if producer is None:
+            return
+        try:
+            await producer.begin_transaction()
+        except Exception as exc:
+            log.error("begin of %s failed (swallowed, fix disabled): %r", tp, exc)
 
     async def _commit_tp(self, tp: TP, start_new_transaction: bool) -> None:
         coord = self.coordinator
@@ -408,6 +568,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
                 )
 
             coord.crash_point(Step.COMMIT)  # 5. commit
+            await coord.fail_point(Step.COMMIT, producer)
             await producer.commit_transaction()
             if offset is not None:
                 st.committed = offset
@@ -417,8 +578,10 @@ class ExactlyOnceTransactionManager(TransactionManager):
             for store, fut in changelog:
                 md = fut.result()
                 last[id(store)] = max(last.get(id(store), -1), md.offset)
+            keep_offsets = coord.fix("changelog-offsets")
             for store in stores:
-                store.persist(tp, last.get(id(store)))
+                # Stock Faust (#599) loses these offsets; then restores start too early.
+                store.persist(tp, last.get(id(store)) if keep_offsets else None)
 
             coord.crash_point(Step.BEGIN)  # 7. begin
             if start_new_transaction:
@@ -444,7 +607,16 @@ def _headers(headers: Any) -> list[tuple[str, bytes]] | None:
     return list(headers)
 
 
-def install(app: AppT) -> None:
-    """Make ``app``'s Kafka transport use :class:`ExactlyOnceTransactionManager`."""
-    transport = app.transport
-    transport.TransactionManager = ExactlyOnceTransactionManager  # type: ignore[misc]
+class SettlingConsumer(AiokafkaConsumer):
+    """Faust's aiokafka consumer that tells the coordinator when positions are settled.
+
+    ``perform_seek`` is what Faust's recovery calls, after table recovery, to move every
+    stream partition to its committed offset; only after it may events be processed.
+    """
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        eos = self.app.eos  # type: ignore[attr-defined]
+        eos.seek_wait = self.seek_wait
+        eos.read_offsets = self._read_offset
+        await eos.settle(dict(self._committed_offset))

@@ -9,7 +9,7 @@ from typing import Any
 import faust
 from faust.types import TransportT
 
-from pipeline.eos import Coordinator, ExactlyOnceTransactionManager
+from pipeline.eos import Coordinator, ExactlyOnceTransactionManager, SettlingConsumer
 from pipeline.settings import Settings
 from pipeline.stats import Stats
 from tables.store import EosTable
@@ -19,7 +19,14 @@ log = logging.getLogger(__name__)
 #: Faust settings that Faust would read from the environment. We pass ``env={}`` so
 #: none of them applies; a worker that has one set says so, instead of silently
 #: running with a different broker or port than PIPELINE_* says.
-_FAUST_ENV = ("BROKER_URL", "WEB_PORT", "WEB_BIND", "APP_DATADIR", "F_DATADIR", "BROKER_COMMIT_INTERVAL")
+_FAUST_ENV = (
+    "BROKER_URL",
+    "WEB_PORT",
+    "WEB_BIND",
+    "APP_DATADIR",
+    "F_DATADIR",
+    "BROKER_COMMIT_INTERVAL",
+)
 
 
 class PipelineApp(faust.App):
@@ -35,7 +42,12 @@ class PipelineApp(faust.App):
             # The transport builds the consumer's transaction manager from this class
             # attribute; an instance attribute keeps other apps in the process stock.
             transport.TransactionManager = ExactlyOnceTransactionManager  # type: ignore[misc]
+            transport.Consumer = SettlingConsumer  # type: ignore[misc]
         return transport
+
+    def on_rebalance_start(self) -> None:
+        super().on_rebalance_start()
+        self.eos.unsettle()
 
     async def on_first_start(self) -> None:
         # Source and output topics are declared here, before the consumer subscribes,
@@ -77,7 +89,7 @@ def create_app(settings: Settings) -> PipelineApp:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         # A worker killed with -9 must lose its partitions within seconds, not 60.
-        broker_session_timeout=10.0,
+        broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=1.0,
         producer_acks=-1,
         producer_linger=0.005,

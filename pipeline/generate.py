@@ -71,8 +71,13 @@ def _bad(rng: random.Random, kind: str, n: int) -> tuple[bytes | None, bytes]:
         return key, orjson.dumps({"type": "OrderShipped", "order_id": oid, "ts_ms": 1})
     if kind == "bad-amount":
         return key, orjson.dumps(
-            {"event_id": f"{oid}-x", "type": "PaymentReceived", "order_id": oid,
-             "amount_cents": -5, "ts_ms": 1}
+            {
+                "event_id": f"{oid}-x",
+                "type": "PaymentReceived",
+                "order_id": oid,
+                "amount_cents": -5,
+                "ts_ms": 1,
+            }
         )
     if kind == "unknown-type":
         return key, orjson.dumps(

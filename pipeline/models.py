@@ -88,7 +88,9 @@ def parse_event(raw: bytes | None, key: bytes | None = None) -> OrderEvent | Bad
         err = _id_error(name, doc.get(name))
         if err:
             return BadInput(err)
-    etype = _TYPES.get(doc.get("type"))  # type: ignore[arg-type]
+    raw_type = doc.get("type")
+    # Only a string can name a type; a list or object here must not raise (unhashable).
+    etype = _TYPES.get(raw_type) if isinstance(raw_type, str) else None
     if etype is None:
         return BadInput(f"unknown type {doc.get('type')!r}")
     ts = doc.get("ts_ms")
@@ -119,7 +121,7 @@ def parse_event(raw: bytes | None, key: bytes | None = None) -> OrderEvent | Bad
         event_id=doc["event_id"],
         type=etype,
         order_id=order_id,
-        ts_ms=ts,
+        ts_ms=int(ts),  # type: ignore[arg-type]  # checked by _is_int above
         user_id=user_id,
         amount_cents=amount,
     )

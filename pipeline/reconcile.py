@@ -47,7 +47,10 @@ class TopicCheck:
     @property
     def ok(self) -> bool:
         return not (
-            self.duplicates or self.missing or self.unexpected or self.out_of_order
+            self.duplicates
+            or self.missing
+            or self.unexpected
+            or self.out_of_order
             or self.mismatched
         )
 

@@ -39,11 +39,16 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(default=0.1, gt=0)
     #: Upper bound on rows one sweep of the dedup window may delete (bounded work per event).
     expiry_batch: int = Field(default=500, ge=1)
+    #: A worker that stops heartbeating loses its partitions after this long (seconds).
+    session_timeout_s: float = Field(default=10.0, ge=6.0)
     web_port: int = 6066
     web_host: str = "127.0.0.1"
     #: Test-only: name of a commit step at which the worker calls ``os._exit``.
     crash_at: str | None = None
-    #: Test-only: crash only after this many commits have passed the step.
+    #: Test-only: name of a commit step that fails (the transaction is aborted and an
+    #: error raised), as when the broker times a transaction out.
+    fail_at: str | None = None
+    #: Test-only: crash (or fail) only after this many commits have passed the step.
     crash_after: int = 0
     #: Test-only: comma-separated names of our fixes of stock Faust EOS to turn off
     #: (see ``pipeline/eos.py``), to show that each gap is real.
@@ -69,11 +74,11 @@ class Settings(BaseSettings):
 
     @property
     def dedup_window_ms(self) -> int:
-        return int(self.dedup_window_s * 1000)
+        return round(self.dedup_window_s * 1000)
 
     @property
     def dedup_grace_ms(self) -> int:
-        return int(self.dedup_grace_s * 1000)
+        return round(self.dedup_grace_s * 1000)
 
     def fix_enabled(self, name: str) -> bool:
         return name not in {p.strip() for p in self.disable_fix.split(",")}

@@ -71,9 +71,7 @@ class DedupWindow:
         if self.stream_ms is None:
             return []
         now = self.stream_ms
-        gone = [
-            k for k, v in self.seen.items() if expired(v, now, self.window_ms, self.grace_ms)
-        ]
+        gone = [k for k, v in self.seen.items() if expired(v, now, self.window_ms, self.grace_ms)]
         for k in gone:
             del self.seen[k]
         return gone

@@ -14,7 +14,6 @@ Reads without a current event (web views) see committed state only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -44,7 +43,7 @@ class TransactionalStore(RocksStore):
 
     @property
     def changelog_topic_name(self) -> str:
-        return str(self.table.changelog_topic.get_topic_name())  # type: ignore[attr-defined]
+        return str(self.table.changelog_topic.get_topic_name())
 
     # -- the overlay --------------------------------------------------------------------
 
@@ -94,10 +93,10 @@ class TransactionalStore(RocksStore):
                 return dirty[key] is not None
         return bool(super()._contains(key))
 
-    def dirty_items(self, tp: TP) -> Iterator[tuple[bytes, bytes | None]]:
+    def dirty_items(self, tp: TP) -> list[tuple[bytes, bytes | None]]:
+        # A copy: without the quiesce gate (a test switch) the agent may write meanwhile.
         dirty = self._dirty.get(tp)
-        if dirty:
-            yield from dirty.items()
+        return list(dirty.items()) if dirty else []
 
     def persist(self, tp: TP, changelog_offset: int | None) -> None:
         """Write the committed overlay of ``tp`` and its changelog offset atomically."""
@@ -119,7 +118,9 @@ class TransactionalStore(RocksStore):
         """Forget the uncommitted overlay of ``tp`` (aborted, or partition revoked)."""
         self._dirty.pop(tp, None)
 
-    def scan_partition(self, partition: int, start: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+    def scan_partition(
+        self, partition: int, start: bytes | None, limit: int
+    ) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` committed rows of one partition, in key order from ``start``."""
         db = self._db_for_partition(partition)
         it = db.iter()

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from pipeline.admin import ensure_topics
+from pipeline.settings import Settings
+
+from .harness import Worker, broker_url, settings_from, unique_env
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_is_up() -> None:
+    async def probe() -> None:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=broker_url().split("://", 1)[-1], request_timeout_ms=5000
+        )
+        await admin.start()
+        await admin.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(probe(), 20))
+    except Exception as exc:  # the suite must not silently skip its real-broker half
+        pytest.fail(
+            f"no Kafka broker at {broker_url()} (start it with scripts/kafka start): {exc!r}"
+        )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return unique_env(tmp_path)
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    s = settings_from(env)
+    topics = [s.topic_raw, s.topic_unique, s.topic_dlq]
+    asyncio.run(ensure_topics(s.bootstrap_servers, topics, s.partitions, s.replication))
+    return s
+
+
+@pytest.fixture
+def make_worker(env: dict[str, str], tmp_path: Path) -> Iterator[object]:
+    workers: list[Worker] = []
+
+    def make(name: str = "w0", **extra: str) -> Worker:
+        wenv = dict(env)
+        wenv["PIPELINE_DATADIR"] = str(tmp_path / name)
+        wenv.update(extra)
+        w = Worker(wenv, tmp_path / f"{name}.log", name=name)
+        workers.append(w)
+        return w
+
+    yield make
+    for w in workers:
+        w.kill9()

@@ -1,0 +1,35 @@
+"""Test helpers around :mod:`pipeline.procs`: per-test topics, group and data dirs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from pipeline.procs import Worker, progress, settings_from, wait_drained
+
+__all__ = ["Worker", "broker_url", "progress", "settings_from", "unique_env", "wait_drained"]
+
+
+def broker_url() -> str:
+    return os.environ.get("PIPELINE_BROKER", "kafka://127.0.0.1:9092")
+
+
+def unique_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """PIPELINE_* variables for one test: its own topics, group and data directory."""
+    tag = uuid.uuid4().hex[:10]
+    env = {
+        "PIPELINE_BROKER": broker_url(),
+        "PIPELINE_APP_ID": f"t-{tag}",
+        "PIPELINE_TOPIC_RAW": f"t-{tag}.orders.raw",
+        "PIPELINE_TOPIC_UNIQUE": f"t-{tag}.orders.unique",
+        "PIPELINE_TOPIC_DLQ": f"t-{tag}.orders.dlq",
+        "PIPELINE_TOPIC_CHANGES": f"t-{tag}.orders.changes",
+        "PIPELINE_TOPIC_REJECTED": f"t-{tag}.orders.rejected",
+        "PIPELINE_TOPIC_COUPONS": f"t-{tag}.coupons.issued",
+        # The broker's minimum: a kill -9'd worker's partitions move on quickly.
+        "PIPELINE_SESSION_TIMEOUT_S": "6",
+        "PIPELINE_DATADIR": str(tmp / "w0"),
+    }
+    env.update(extra)
+    return env

@@ -1,0 +1,262 @@
+"""Each gap of stock Faust EOS is real: with our fix switched off, a crash breaks
+exactly-once, and ``reconcile`` says so. With the fix on, the same crash is harmless
+(``test_dedup_chain.test_crash_at_commit_step`` runs every step with all fixes on).
+
+Switch a fix off with ``PIPELINE_DISABLE_FIX=<name>`` (names in ``pipeline.eos.FIXES``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+from rocksdict import AccessType, Rdict
+
+from pipeline.eos import EXIT_COMMIT_FAILED, EXIT_INJECTED, Step
+from pipeline.generate import Record, generate
+from pipeline.kafka_io import produce, read_topic
+from pipeline.reconcile import reconcile
+from pipeline.settings import Settings
+
+from .harness import Worker, wait_drained
+
+pytestmark = pytest.mark.integration
+
+CASES = [
+    # Table writes reach RocksDB (and, through send_soon, a non-transactional changelog)
+    # before the transaction commits. Crash before the commit: the ids stay "seen",
+    # the replayed events are dropped as duplicates, their outputs never exist.
+    pytest.param("local-state", Step.COMMIT, "losses", id="local-state"),
+]
+
+
+@pytest.mark.parametrize(("fix", "step", "broken"), CASES)
+async def test_gap_breaks_exactly_once_without_fix(
+    fix: str, step: Step, broken: str, settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    count = 6000
+    assert (
+        await produce(
+            settings.bootstrap_servers,
+            settings.topic_raw,
+            generate(count, seed=5, dup_rate=0.3, bad_rate=0.01),
+        )
+        == count
+    )
+    worker = make_worker(PIPELINE_DISABLE_FIX=fix, PIPELINE_COMMIT_INTERVAL_S="0.05")
+    failures = 0
+    for _ in range(3):
+        worker.start(PIPELINE_CRASH_AT=step.value, PIPELINE_CRASH_AFTER="5")
+        code = await asyncio.to_thread(worker.wait_exit, 120)
+        assert code == EXIT_INJECTED, worker.log_tail()
+        worker.start()
+        await wait_drained(settings, [worker], timeout=180)
+        worker.stop()
+        report = await reconcile(settings)
+        failures = report.losses if broken == "losses" else report.duplicates
+        if failures:
+            break
+        # The crash did not catch the window this time; add traffic and crash again.
+        assert (
+            await produce(
+                settings.bootstrap_servers,
+                settings.topic_raw,
+                generate(count, seed=5 + _ + 1, dup_rate=0.3, bad_rate=0.01, prefix=f"r{_}"),
+            )
+            == count
+        )
+        count += count
+    assert failures > 0, f"{fix} off: expected {broken} after a crash at {step}, saw none"
+
+
+async def test_gap_commit_overlaps_processing_without_quiesce(
+    settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """Stock Faust commits from a background task while agents run.
+
+    An event's records can then be sent into a transaction whose offsets do not include
+    it. aiokafka refuses sends between ``commit_transaction`` and the next
+    ``begin_transaction``, so with aiokafka the overlap shows up as refused sends that
+    crash the agent mid-event (and with any other client as duplicates after a crash).
+    With the gate, no send is ever refused (see the other tests' clean logs).
+    """
+    count = 20_000
+    assert (
+        await produce(
+            settings.bootstrap_servers,
+            settings.topic_raw,
+            generate(count, seed=9, dup_rate=0.1, bad_rate=0.0),
+        )
+        == count
+    )
+    worker = make_worker(PIPELINE_DISABLE_FIX="quiesce", PIPELINE_COMMIT_INTERVAL_S="0.02")
+    worker.start()
+    refused = "Can't send messages while not in transaction"
+    for _ in range(120):
+        await asyncio.sleep(0.5)
+        if refused in worker.log_path.read_text(errors="replace"):
+            break
+    worker.kill9()
+    assert refused in worker.log_path.read_text(errors="replace"), (
+        "expected a send to overlap a commit with the quiesce gate off"
+    )
+
+
+async def test_no_send_refused_with_quiesce(
+    settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    count = 20_000
+    assert (
+        await produce(
+            settings.bootstrap_servers,
+            settings.topic_raw,
+            generate(count, seed=9, dup_rate=0.1, bad_rate=0.0),
+        )
+        == count
+    )
+    worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.02")
+    worker.start()
+    await wait_drained(settings, [worker], timeout=180)
+    worker.stop()
+    assert "Can't send messages while not in transaction" not in worker.log_path.read_text(
+        errors="replace"
+    )
+    report = await reconcile(settings)
+    assert report.ok, report.render()
+
+
+def _keyless(records: Iterable[Record]) -> Iterator[Record]:
+    """Producers that do not key their records: the partitioner spreads them."""
+    for rec in records:
+        yield Record(None, rec.value, rec.kind) if rec.kind != "bad:key-mismatch" else rec
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "stock"])
+async def test_route_by_source(
+    fixed: bool, settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """Unkeyed input: ``orders.unique`` (keyed by order_id) lands on other partitions.
+
+    Stock routing puts each output in the transaction of its *destination* partition,
+    which commits independently of the source offset; a crash in the middle of the
+    commits then duplicates or loses outputs.
+    """
+    count = 6000
+    assert (
+        await produce(
+            settings.bootstrap_servers,
+            settings.topic_raw,
+            _keyless(generate(count, seed=21, dup_rate=0.0, bad_rate=0.0)),
+        )
+        == count
+    )
+    extra = {} if fixed else {"PIPELINE_DISABLE_FIX": "route-by-source"}
+    worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.05", **extra)
+    broken = 0
+    for attempt in range(3):
+        worker.start(PIPELINE_CRASH_AT=Step.COMMIT.value, PIPELINE_CRASH_AFTER="6")
+        code = await asyncio.to_thread(worker.wait_exit, 120)
+        assert code == EXIT_INJECTED, worker.log_tail()
+        worker.start()
+        await wait_drained(settings, [worker], timeout=180)
+        worker.stop()
+        report = await reconcile(settings)
+        unique = report.checks[0]
+        broken = unique.duplicates + unique.missing + unique.unexpected
+        if fixed:
+            assert broken == 0, report.render()
+        if broken or fixed:
+            break
+        more = _keyless(
+            generate(count, seed=22 + attempt, dup_rate=0.0, bad_rate=0.0, prefix=f"r{attempt}")
+        )
+        assert await produce(settings.bootstrap_servers, settings.topic_raw, more) == count
+    if not fixed:
+        assert broken > 0, "stock routing survived three crashes mid-commit"
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "stock"])
+async def test_failed_commit(
+    fixed: bool, settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """A commit the broker aborts (here: injected) must stop the worker.
+
+    Stock Faust logs it and goes on; the next commit then moves the offsets past the
+    events whose outputs were just aborted, and they are lost.
+    """
+    count = 6000
+    assert (
+        await produce(
+            settings.bootstrap_servers,
+            settings.topic_raw,
+            generate(count, seed=31, dup_rate=0.3, bad_rate=0.01),
+        )
+        == count
+    )
+    extra = {} if fixed else {"PIPELINE_DISABLE_FIX": "fatal-commit"}
+    worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.05", **extra)
+    worker.start(PIPELINE_FAIL_AT=Step.COMMIT.value, PIPELINE_CRASH_AFTER="4")
+    if fixed:
+        code = await asyncio.to_thread(worker.wait_exit, 120)
+        assert code == EXIT_COMMIT_FAILED, worker.log_tail()
+        worker.start()
+    await wait_drained(settings, [worker], timeout=180)
+    worker.stop()
+    report = await reconcile(settings)
+    if fixed:
+        assert report.ok, report.render()
+    else:
+        assert report.losses > 0, report.render()
+
+
+def _persisted_offsets(datadir: Path, partitions: int) -> dict[int, int | None]:
+    out: dict[int, int | None] = {}
+    for p in range(partitions):
+        path = datadir / "v1" / "tables" / f"dedup-{p}.db"
+        if not path.exists():
+            out[p] = None
+            continue
+        db = Rdict(str(path), access_type=AccessType.read_only())
+        try:
+            raw = db.get(b"__faust\x00offset__")
+        finally:
+            db.close()
+        out[p] = None if raw is None else int(raw)
+    return out
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "stock"])
+async def test_changelog_offsets_persisted(
+    fixed: bool, settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """RocksDB remembers the changelog offset it is current to, per changelog partition.
+
+    Stock Faust looks the pending offsets up by source partition (faust#599), so they
+    are never written during processing and every restart restores from further back.
+    """
+    count = 4000
+    assert (
+        await produce(
+            settings.bootstrap_servers,
+            settings.topic_raw,
+            generate(count, seed=41, dup_rate=0.2, bad_rate=0.0),
+        )
+        == count
+    )
+    extra = {} if fixed else {"PIPELINE_DISABLE_FIX": "changelog-offsets"}
+    worker = make_worker(**extra)
+    worker.start()
+    await wait_drained(settings, [worker], timeout=180)
+    worker.kill9()  # no orderly shutdown that could write anything more
+    last: dict[int, int] = {}
+    async for m in read_topic(settings.bootstrap_servers, f"{settings.app_id}-dedup-changelog"):
+        last[m.partition] = max(last.get(m.partition, -1), m.offset)
+    assert last, "the changelog is empty"
+    persisted = _persisted_offsets(Path(worker.env["PIPELINE_DATADIR"]), settings.partitions)
+    lagging = {p: (persisted.get(p), off) for p, off in last.items() if persisted.get(p) != off}
+    if fixed:
+        assert not lagging, f"persisted offsets lag the changelog: {lagging}"
+    else:
+        assert lagging, "expected stock behaviour to leave persisted offsets behind"
