@@ -142,8 +142,8 @@ class PartitionState:
     committed: int | None = None
     #: the lowest offset that may be processed next (set when positions settle)
     expected: int | None = None
-    #: after a seek: the offset processing must resume at, exactly
-    target: int | None = None
+    #: a committed record Faust did not deliver: nothing after it until it comes
+    hole: int | None = None
     reseek_at: float = 0.0
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
 
@@ -174,6 +174,7 @@ class Coordinator:
         self.seek_wait: Callable[[Mapping[TP, int]], Awaitable[None]] | None = None
         self.read_offsets: dict[TP, int | None] | None = None
         self.aborts = 0
+        self._checker: Any = None
         self.commit_seconds: list[float] = []
 
     def fix(self, name: str) -> bool:
@@ -223,73 +224,63 @@ class Coordinator:
         self.unsettled_count += 1
 
     async def settle(self, committed: Mapping[TP, int | None]) -> None:
-        """Faust has seeked every stream partition to its committed offset.
-
-        For each partition we look up, with an independent ``read_committed`` consumer,
-        the first committed record at or after the committed offset: processing must
-        resume exactly there. Anything Faust delivers before it (fetched before the
-        seek) is skipped; if Faust delivers past it, the record was dropped and we seek
-        back (see :meth:`_admit`).
-        """
-        tps = [tp for tp in self.partitions if tp.topic in self.sources]
-        starts = {tp: committed.get(tp) for tp in tps}
-        targets = await self._first_records(
-            {tp: off for tp, off in starts.items() if off is not None}
-        )
-        for tp in tps:
-            st = self.partitions[tp]
-            st.expected = starts[tp]
-            st.target = targets.get(tp)
+        """Faust has seeked every stream partition to its committed offset."""
+        for tp, st in self.partitions.items():
+            st.expected = committed.get(tp)
+            st.hole = None
             st.reseek_at = 0.0
         self.settled = True
 
-    async def _first_records(self, starts: Mapping[TP, int]) -> dict[TP, int | None]:
-        """Offset of the first committed record at or after each start (None: none yet)."""
+    async def _first_record(self, tp: TP, start: int) -> int | None:
+        """Offset of the first committed record of ``tp`` at or after ``start``.
+
+        Read with a separate ``read_committed`` consumer (kept open, reassigned per
+        question), so the answer does not depend on Faust's delivery.
+        """
         from aiokafka import AIOKafkaConsumer
 
-        out: dict[TP, int | None] = {tp: None for tp in starts}
-        if not starts:
-            return out
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            max_partition_fetch_bytes=64 * 1024,
-        )
-        await consumer.start()
-        try:
-            ktps = {TopicPartition(tp.topic, tp.partition): tp for tp in starts}
-            consumer.assign(list(ktps))
-            ends = await consumer.end_offsets(list(ktps))
-            open_tps = set()
-            for ktp, tp in ktps.items():
-                if starts[tp] < ends[ktp]:
-                    consumer.seek(ktp, starts[tp])
-                    open_tps.add(ktp)
-            while open_tps:
-                batch = await consumer.getmany(*open_tps, timeout_ms=1000)
-                for ktp, msgs in batch.items():
-                    if msgs and ktp in open_tps:
-                        out[ktps[ktp]] = msgs[0].offset
-                        open_tps.discard(ktp)
-                for ktp in list(open_tps):
-                    if await consumer.position(ktp) >= ends[ktp]:
-                        open_tps.discard(ktp)  # only markers or aborted records
-        finally:
-            await consumer.stop()
-        return out
+        if self._checker is None:
+            self._checker = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                isolation_level="read_committed",
+                enable_auto_commit=False,
+                max_partition_fetch_bytes=16 * 1024,
+            )
+            await self._checker.start()
+        consumer = self._checker
+        ktp = TopicPartition(tp.topic, tp.partition)
+        consumer.assign([ktp])
+        end = (await consumer.end_offsets([ktp]))[ktp]
+        if start >= end:
+            return None
+        consumer.seek(ktp, start)
+        while await consumer.position(ktp) < end:
+            batch = await consumer.getmany(ktp, timeout_ms=1000)
+            for msg in batch.get(ktp, ()):
+                return int(msg.offset)
+        return None
+
+    async def close(self) -> None:
+        if self._checker is not None:
+            await self._checker.stop()
+            self._checker = None
 
     async def _admit(self, event: Any) -> PartitionState | None:
         """The partition state if ``event`` is to be processed, else ``None`` (skip).
 
-        Faust can hand an agent records while tables are still being recovered and
-        before it seeks to the committed offsets (the consumer resumes fetching before
-        the seek, and its first positions may predate the previous owner's last commit);
-        and around that seek its read-offset filter can drop the records the seek was
-        meant to deliver. Events before the seek wait here (or are dropped if another
-        rebalance starts, as Faust drops its queued events then); after it, processing
-        resumes at exactly the first committed record at or after the committed offset,
-        in offset order, never skipping a record.
+        Faust does not guarantee that an agent sees each record of a partition once and
+        in order around rebalances: it hands over records while tables are still being
+        recovered and before it seeks to the committed offsets, and batches fetched
+        before that seek are still delivered after it, while its read-offset filter then
+        drops the records the seek fetched again. Processing must instead continue from
+        the committed offset, record by record:
+
+        * before the seek, an event waits here (or is dropped if another rebalance
+          starts, as Faust drops its queued events then);
+        * an event below the next expected offset is a stale copy: skipped;
+        * an event above it is accepted only if no committed record lies in between
+          (transaction markers and aborted records take offsets too); otherwise the
+          record in between was dropped, so we seek back to it and skip until it comes.
         """
         if not self.settled:
             epoch = self.unsettled_count
@@ -303,39 +294,43 @@ class Coordinator:
         tp = message.tp
         st = self.partitions.get(tp) or self.state(tp)
         offset = message.offset
-        if st.target is not None:
-            if offset < st.target:
+        expected = st.expected
+        if expected is not None and offset != expected:
+            if offset < expected:
                 self.skipped += 1
-                self._keep_read_offset(tp, st.target)
                 return None
-            if offset > st.target:
-                # Faust dropped the record we must resume at: fetch it again.
-                self.skipped += 1
-                await self._reseek(tp, st)
-                return None
-            st.target = None
-        elif st.expected is not None and offset < st.expected:
-            self.skipped += 1
-            return None
+            if st.hole is None:
+                first = await self._first_record(tp, expected)
+                if first is not None and first < offset:
+                    st.hole = first
+            if st.hole is not None:
+                if offset < st.hole:  # pragma: no cover - below the hole: stale
+                    self.skipped += 1
+                    return None
+                if offset > st.hole:
+                    self.skipped += 1
+                    await self._reseek(tp, st, st.hole)
+                    return None
+        st.hole = None
         st.expected = offset + 1
         return st
 
     def _keep_read_offset(self, tp: TP, offset: int) -> None:
         # Faust's fetch loop drops records below its last delivered offset; stale
-        # deliveries ahead of the seek position would otherwise hide the target.
+        # deliveries ahead of the seek position would otherwise hide the record.
         read = self.read_offsets
         if read is not None and (read.get(tp) or 0) > offset:
             read[tp] = offset
 
-    async def _reseek(self, tp: TP, st: PartitionState) -> None:
+    async def _reseek(self, tp: TP, st: PartitionState, offset: int) -> None:
+        self._keep_read_offset(tp, offset)
         loop = asyncio.get_running_loop()
-        if loop.time() < st.reseek_at or st.target is None or self.seek_wait is None:
+        if loop.time() < st.reseek_at or self.seek_wait is None:
             return
         st.reseek_at = loop.time() + 1.0
         self.reseeks += 1
-        log.warning("%s: record %d was not delivered after the seek; seeking back", tp, st.target)
-        self._keep_read_offset(tp, st.target)
-        await self.seek_wait({tp: st.target})
+        log.warning("%s: record %d was not delivered; seeking back to it", tp, offset)
+        await self.seek_wait({tp: offset})
 
     async def each(self, stream: StreamT) -> AsyncIterator[Any]:
         """Iterate a Faust stream so that commits see only whole events, in order.
@@ -343,6 +338,11 @@ class Coordinator:
         The gate of the event's source partition is held while the agent body runs for
         the event, and the event counts as processed once the body asks for the next one.
         """
+        if not self.enabled:
+            # at_least_once: Faust's own acking and commits apply.
+            async for value in stream:
+                yield value
+            return
         quiesce = self.fix("quiesce")
         async for value in stream:
             event = stream.current_event
@@ -433,6 +433,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
                 log.warning("stopping producer %s: %r", tid, exc)
 
     async def on_stop(self) -> None:
+        await self.coordinator.close()
         for tid, producer in list(self._producers.items()):
             try:
                 await producer.stop()

@@ -140,3 +140,24 @@ async def test_crash_at_commit_step(
     worker.start()
     await wait_drained(settings, [worker], timeout=180)
     await _check(settings, count)
+
+
+async def test_at_least_once_mode_processes_everything(
+    settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """The benchmark's baseline mode works: without crashes it is also exact."""
+    count = 3000
+    assert (
+        await produce(
+            settings.bootstrap_servers,
+            settings.topic_raw,
+            generate(count, seed=13, dup_rate=0.3, bad_rate=0.02),
+        )
+        == count
+    )
+    worker = make_worker(PIPELINE_PROCESSING_GUARANTEE="at_least_once")
+    worker.start()
+    await wait_drained(settings, [worker], timeout=120)
+    stats = worker.stats()
+    assert stats is not None and stats["processing_guarantee"] == "at_least_once"
+    await _check(settings, count)
