@@ -20,9 +20,6 @@ if TYPE_CHECKING:
 
     from pipeline.topology import Topology
 
-#: How many records of a partition pass between two sweeps of its expired ids.
-SWEEP_EVERY = 1000
-
 
 @dataclass(frozen=True, slots=True)
 class Forward:
@@ -69,6 +66,7 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
     window_ms = settings.dedup_window_ms
     grace_ms = settings.dedup_grace_ms
     batch = settings.expiry_batch
+    sweep_every = settings.expiry_every
     seen_table = topo.dedup_table
     store = topo.dedup_store
     unique_topic = topo.unique
@@ -116,7 +114,7 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
             if record_ms > stream_ms.get(p, record_ms - 1):
                 stream_ms[p] = record_ms
             n = since_sweep.get(p, 0) + 1
-            if n >= SWEEP_EVERY:
+            if n >= sweep_every:
                 n = 0
                 sweep(p, stream_ms[p])
             since_sweep[p] = n

@@ -66,6 +66,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -144,7 +145,7 @@ class PartitionState:
     expected: int | None = None
     #: a committed record Faust did not deliver: nothing after it until it comes
     hole: int | None = None
-    reseek_at: float = 0.0
+    watch: asyncio.Future[None] | None = None
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
 
     @property
@@ -224,11 +225,20 @@ class Coordinator:
         self.unsettled_count += 1
 
     async def settle(self, committed: Mapping[TP, int | None]) -> None:
-        """Faust has seeked every stream partition to its committed offset."""
+        """Faust has seeked every stream partition to its committed offset.
+
+        A partition without a committed offset starts at the beginning of its log
+        (``auto_offset_reset=earliest``), and is checked from there just the same.
+        """
+        fresh = [tp for tp in self.partitions if committed.get(tp) is None]
+        beginnings = await self._beginnings(fresh) if fresh else {}
         for tp, st in self.partitions.items():
-            st.expected = committed.get(tp)
+            start = committed.get(tp)
+            st.expected = start if start is not None else beginnings.get(tp)
             st.hole = None
-            st.reseek_at = 0.0
+        if isinstance(self.read_offsets, PinnedReadOffsets):
+            for tp in list(self.partitions):
+                self.read_offsets.unpin(tp)
         self.settled = True
 
     async def _first_record(self, tp: TP, start: int) -> int | None:
@@ -237,17 +247,7 @@ class Coordinator:
         Read with a separate ``read_committed`` consumer (kept open, reassigned per
         question), so the answer does not depend on Faust's delivery.
         """
-        from aiokafka import AIOKafkaConsumer
-
-        if self._checker is None:
-            self._checker = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers,
-                isolation_level="read_committed",
-                enable_auto_commit=False,
-                max_partition_fetch_bytes=16 * 1024,
-            )
-            await self._checker.start()
-        consumer = self._checker
+        consumer = await self._checker_consumer()
         ktp = TopicPartition(tp.topic, tp.partition)
         consumer.assign([ktp])
         end = (await consumer.end_offsets([ktp]))[ktp]
@@ -259,6 +259,25 @@ class Coordinator:
             for msg in batch.get(ktp, ()):
                 return int(msg.offset)
         return None
+
+    async def _checker_consumer(self) -> Any:
+        from aiokafka import AIOKafkaConsumer
+
+        if self._checker is None:
+            self._checker = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                isolation_level="read_committed",
+                enable_auto_commit=False,
+                max_partition_fetch_bytes=16 * 1024,
+            )
+            await self._checker.start()
+        return self._checker
+
+    async def _beginnings(self, tps: list[TP]) -> dict[TP, int]:
+        consumer = await self._checker_consumer()
+        ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+        begins = await consumer.beginning_offsets(ktps)
+        return {TP(k.topic, k.partition): int(v) for k, v in begins.items()}
 
     async def close(self) -> None:
         if self._checker is not None:
@@ -319,18 +338,32 @@ class Coordinator:
         # Faust's fetch loop drops records below its last delivered offset; stale
         # deliveries ahead of the seek position would otherwise hide the record.
         read = self.read_offsets
-        if read is not None and (read.get(tp) or 0) > offset:
+        if isinstance(read, PinnedReadOffsets):
+            read.pin(tp, offset)
+        elif read is not None and (read.get(tp) or 0) > offset:
             read[tp] = offset
 
     async def _reseek(self, tp: TP, st: PartitionState, offset: int) -> None:
         self._keep_read_offset(tp, offset)
-        loop = asyncio.get_running_loop()
-        if loop.time() < st.reseek_at or self.seek_wait is None:
-            return
-        st.reseek_at = loop.time() + 1.0
-        self.reseeks += 1
-        log.warning("%s: record %d was not delivered; seeking back to it", tp, offset)
-        await self.seek_wait({tp: offset})
+        if st.watch is None or st.watch.done():
+            st.watch = asyncio.ensure_future(self._watch_hole(tp, st))
+
+    async def _watch_hole(self, tp: TP, st: PartitionState) -> None:
+        """Seek back to the missing record, once a second, until it is delivered."""
+        while st.hole is not None and self.seek_wait is not None:
+            hole = st.hole
+            self.reseeks += 1
+            log.warning("%s: record %d was not delivered; seeking back to it", tp, hole)
+            self._keep_read_offset(tp, hole)
+            try:
+                await self.seek_wait({tp: hole})
+            except Exception as exc:  # a revoked partition: the next rebalance resets it
+                log.warning("seek of %s failed: %r", tp, exc)
+                return
+            await asyncio.sleep(1.0)
+        read = self.read_offsets
+        if isinstance(read, PinnedReadOffsets):
+            read.unpin(tp)
 
     async def each(self, stream: StreamT) -> AsyncIterator[Any]:
         """Iterate a Faust stream so that commits see only whole events, in order.
@@ -608,12 +641,54 @@ def _headers(headers: Any) -> list[tuple[str, bytes]] | None:
     return list(headers)
 
 
+class PinnedReadOffsets(defaultdict[TP, int | None]):
+    """Faust's per-partition "last delivered offset", with a ceiling while we wait.
+
+    Faust's fetch loop drops every fetched record below this offset and raises it with
+    each delivery; while we wait for a record Faust skipped, it must stay at or below
+    that record, or the record is dropped again when our seek fetches it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(lambda: None)
+        self._pins: dict[TP, int] = {}
+
+    def pin(self, tp: TP, offset: int) -> None:
+        self._pins[tp] = offset
+        current = self.get(tp)
+        if current is not None and current > offset:
+            super().__setitem__(tp, offset)
+
+    def unpin(self, tp: TP) -> None:
+        self._pins.pop(tp, None)
+
+    def __setitem__(self, tp: TP, offset: int | None) -> None:
+        pin = self._pins.get(tp)
+        if pin is not None and offset is not None and offset > pin:
+            offset = pin
+        super().__setitem__(tp, offset)
+
+
 class SettlingConsumer(AiokafkaConsumer):
     """Faust's aiokafka consumer that tells the coordinator when positions are settled.
 
     ``perform_seek`` is what Faust's recovery calls, after table recovery, to move every
     stream partition to its committed offset; only after it may events be processed.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_offset = PinnedReadOffsets()
+
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        # Faust answers from the consumer's cached last stable offset, which is unknown
+        # (-1) for a partition not fetched yet; recovery then raises ConsistencyError
+        # for a persisted offset "above the highwater". Ask the broker instead: a
+        # read_committed consumer's end offsets are the last stable offsets.
+        thread = self._thread
+        consumer = thread._ensure_consumer()
+        ends = await thread.call_thread(consumer.end_offsets, list(partitions))
+        return {TP(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
 
     async def perform_seek(self) -> None:
         await super().perform_seek()

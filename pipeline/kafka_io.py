@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -32,6 +32,7 @@ async def produce(
     *,
     rate: float | None = None,
     timestamp_ms: int | None = None,
+    timestamp_of: Callable[[int], int] | None = None,
 ) -> int:
     """Send records with an idempotent producer (``acks=all``); returns the count."""
     producer = AIOKafkaProducer(
@@ -49,7 +50,12 @@ async def produce(
         pending = []
         for rec in records:
             pending.append(
-                await producer.send(topic, rec.value, key=rec.key, timestamp_ms=timestamp_ms)
+                await producer.send(
+                    topic,
+                    rec.value,
+                    key=rec.key,
+                    timestamp_ms=timestamp_of(n) if timestamp_of else timestamp_ms,
+                )
             )
             n += 1
             if len(pending) >= 5000:

@@ -4,8 +4,9 @@ An independent rebuild: a plain aiokafka ``read_committed`` consumer reads
 ``orders.raw`` up to its end offsets, replays the pure operators over it (no Faust, no
 tables of the worker), and diffs the result against what the output topics hold:
 
-* ``orders.unique``: every distinct valid ``event_id`` exactly once, nothing else, and
-  for every order the same sequence of events as the first copies in the input;
+* ``orders.unique``: every distinct valid ``event_id`` exactly once (again only if a copy
+  came after its dedup window), nothing else, and for every order the same sequence of
+  events as the accepted copies in the input;
 * ``orders.dlq``: every bad input record exactly once (by topic, partition, offset), with
   the reason the validator gives;
 * no transaction left open: on every output partition the last stable offset equals the
@@ -15,7 +16,7 @@ tables of the worker), and diffs the result against what the output topics hold:
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,9 +122,10 @@ async def reconcile(settings: Settings) -> Report:
     report = Report()
 
     # -- expected, rebuilt from the input --------------------------------------------
+    # An event_id may legitimately be accepted again once its dedup window has passed,
+    # so the expectation is, per order, the exact sequence of accepted event ids.
     window_ms = settings.dedup_window_ms
     seen: dict[int, dict[bytes, bytes]] = defaultdict(dict)
-    expected_unique: dict[bytes, int] = {}  # event_id -> sequence number in its order
     expected_order: dict[bytes, list[bytes]] = defaultdict(list)  # order_id -> event ids
     expected_dlq: dict[tuple[int, int], str] = {}
     raw_topic = settings.topic_raw
@@ -135,10 +137,7 @@ async def reconcile(settings: Settings) -> Report:
         )
         if isinstance(action, Forward):
             state[action.event_id] = action.first_ms.to_bytes(8, "big", signed=True)
-            doc = orjson.loads(m.value or b"")
-            order = doc["order_id"].encode()
-            expected_order[order].append(action.event_id)
-            expected_unique[action.event_id] = len(expected_order[order]) - 1
+            expected_order[action.order_key].append(action.event_id)
         elif isinstance(action, DeadLetter):
             expected_dlq[(m.partition, m.offset)] = orjson.loads(action.value)["reason"]
         else:
@@ -146,9 +145,8 @@ async def reconcile(settings: Settings) -> Report:
     seen.clear()
 
     # -- orders.unique ------------------------------------------------------------------
-    uc = TopicCheck(settings.topic_unique, expected=len(expected_unique))
-    got: set[bytes] = set()
-    position: dict[bytes, int] = {}
+    uc = TopicCheck(settings.topic_unique, expected=sum(len(v) for v in expected_order.values()))
+    actual_order: dict[bytes, list[bytes]] = defaultdict(list)
     async for m in read_topic(bootstrap, settings.topic_unique):
         uc.actual += 1
         try:
@@ -159,28 +157,35 @@ async def reconcile(settings: Settings) -> Report:
             uc.unexpected += 1
             uc.note(f"undecodable record at {m.partition}:{m.offset}")
             continue
-        if eid in got:
-            uc.duplicates += 1
-            uc.note(f"duplicate event_id {eid.decode()} at {m.partition}:{m.offset}")
-            continue
-        got.add(eid)
-        seq = expected_unique.get(eid)
-        if seq is None:
-            uc.unexpected += 1
-            uc.note(f"unexpected event_id {eid.decode()} at {m.partition}:{m.offset}")
-            continue
         if m.key != order:
             uc.mismatched += 1
             uc.note(f"event {eid.decode()} keyed {m.key!r}, not by its order_id")
-        want = position.get(order, 0)
-        if seq != want:
+        actual_order[order].append(eid)
+    for order in expected_order.keys() | actual_order.keys():
+        want = expected_order.get(order, [])
+        got = actual_order.get(order, [])
+        if want == got:
+            continue
+        want_n, got_n = Counter(want), Counter(got)
+        for eid in want_n.keys() | got_n.keys():
+            extra = got_n[eid] - want_n[eid]
+            if extra > 0 and want_n[eid] == 0:
+                uc.unexpected += extra
+                uc.note(f"unexpected event_id {eid.decode()} ({extra}x)")
+            elif extra > 0:
+                uc.duplicates += extra
+                uc.note(
+                    f"duplicate event_id {eid.decode()} ({got_n[eid]}x, expected {want_n[eid]}x)"
+                )
+            elif extra < 0:
+                uc.missing += -extra
+                uc.note(f"missing event_id {eid.decode()}")
+        if want_n == got_n:
             uc.out_of_order += 1
-            uc.note(f"order {order.decode()}: {eid.decode()} came as #{want}, expected #{seq}")
-        position[order] = max(want, seq + 1)
-    for eid in expected_unique:
-        if eid not in got:
-            uc.missing += 1
-            uc.note(f"missing event_id {eid.decode()}")
+            uc.note(
+                f"order {order.decode()}: events in order {[e.decode() for e in got]}, "
+                f"expected {[e.decode() for e in want]}"
+            )
     report.checks.append(uc)
 
     # -- orders.dlq ---------------------------------------------------------------------

@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     #: Transactions are committed at most this often (seconds). Lower means lower end-to-end
     #: latency and more commit overhead.
     commit_interval_s: float = Field(default=0.1, gt=0)
-    #: Upper bound on rows one sweep of the dedup window may delete (bounded work per event).
+    #: Upper bound on rows one sweep of the dedup window may look at (bounded work).
     expiry_batch: int = Field(default=500, ge=1)
+    #: A partition's expired ids are swept after this many of its records.
+    expiry_every: int = Field(default=1000, ge=1)
     #: A worker that stops heartbeating loses its partitions after this long (seconds).
     session_timeout_s: float = Field(default=10.0, ge=6.0)
     web_port: int = 6066

@@ -156,7 +156,9 @@ async def test_route_by_source(
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.05", **extra)
     broken = 0
     for attempt in range(3):
-        worker.start(PIPELINE_CRASH_AT=Step.COMMIT.value, PIPELINE_CRASH_AFTER="6")
+        # Die right after the first partition's commit of the 7th round: with stock
+        # routing that transaction holds other partitions' outputs too.
+        worker.start(PIPELINE_CRASH_AT=Step.PERSIST.value, PIPELINE_CRASH_AFTER="6")
         code = await asyncio.to_thread(worker.wait_exit, 120)
         assert code == EXIT_INJECTED, worker.log_tail()
         worker.start()

@@ -50,18 +50,19 @@ def dead_letter_doc(action: object) -> dict[str, Any]:
 def test_new_id_is_forwarded_with_record_time() -> None:
     lookup = table()
     action = decide_record(GOOD, b"o-1", 5_000, WHERE, lookup, WINDOW)
-    assert action == Forward(event_id=b"o-1-e0", first_ms=5_000)
+    assert action == Forward(event_id=b"o-1-e0", first_ms=5_000, order_key=b"o-1")
     assert lookup.asked == [b"o-1-e0"]  # type: ignore[attr-defined]
 
 
 def test_forward_uses_record_timestamp_not_event_ts() -> None:
     action = decide_record(GOOD, None, 777, WHERE, table(), WINDOW)
-    assert action == Forward(event_id=b"o-1-e0", first_ms=777)
+    # Without a key the output is still keyed by the order_id.
+    assert action == Forward(event_id=b"o-1-e0", first_ms=777, order_key=b"o-1")
 
 
 def test_event_id_bytes_are_utf8() -> None:
     raw = orjson.dumps({"event_id": "é-1", "type": "OrderShipped", "order_id": "o", "ts_ms": 1})
-    assert decide_record(raw, b"o", 1, WHERE, table(), WINDOW) == Forward("é-1".encode(), 1)
+    assert decide_record(raw, b"o", 1, WHERE, table(), WINDOW) == Forward("é-1".encode(), 1, b"o")
 
 
 @pytest.mark.parametrize("record_ms", [5_000, 5_001, 5_000 + WINDOW - 1, 4_000])
@@ -73,12 +74,12 @@ def test_seen_id_inside_window_is_dropped(record_ms: int) -> None:
 @pytest.mark.parametrize("record_ms", [5_000 + WINDOW, 5_000 + 10 * WINDOW])
 def test_seen_id_after_window_is_forwarded_again(record_ms: int) -> None:
     action = decide_record(GOOD, b"o-1", record_ms, WHERE, table(**{"o-1-e0": 5_000}), WINDOW)
-    assert action == Forward(event_id=b"o-1-e0", first_ms=record_ms)
+    assert action == Forward(event_id=b"o-1-e0", first_ms=record_ms, order_key=b"o-1")
 
 
 def test_other_ids_state_does_not_matter() -> None:
     action = decide_record(GOOD, b"o-1", 5_000, WHERE, table(**{"o-1-e1": 5_000}), WINDOW)
-    assert action == Forward(b"o-1-e0", 5_000)
+    assert action == Forward(b"o-1-e0", 5_000, b"o-1")
 
 
 def test_bad_utf8_record_goes_to_dead_letter_as_text() -> None:

@@ -44,6 +44,9 @@ class Log:
         later = [o for o in self.records if o >= start]
         return min(later) if later else None
 
+    async def beginnings(self, tps: list[TP]) -> dict[TP, int]:
+        return {tp: min(self.records) for tp in tps}
+
     async def seek_wait(self, offsets: dict[TP, int]) -> None:
         self.seeks.extend(offsets.values())
 
@@ -52,6 +55,7 @@ def make(records: set[int], committed: int | None) -> tuple[Coordinator, Log]:
     coord = Coordinator(Settings())
     log = Log(records)
     coord._first_record = log.first_record  # type: ignore[method-assign]
+    coord._beginnings = log.beginnings  # type: ignore[method-assign]
     coord.seek_wait = log.seek_wait  # type: ignore[assignment]
     coord.state(TP0)
     asyncio.run(coord.settle({TP0: committed}))
@@ -64,6 +68,7 @@ def admitted(coord: Coordinator, offsets: list[int]) -> list[int]:
         for o in offsets:
             if await coord._admit(ev(o)) is not None:
                 out.append(o)
+            await asyncio.sleep(0)  # let a hole watcher run its first seek
         return out
 
     return asyncio.run(go())
@@ -103,14 +108,19 @@ def test_first_delivery_after_the_seek_must_be_the_committed_record() -> None:
     assert log.seeks == [10]
 
 
-def test_without_a_committed_offset_the_first_delivery_starts() -> None:
-    coord, log = make(set(range(100)), committed=None)
-    assert admitted(coord, [0, 1, 2]) == [0, 1, 2]
+def test_without_a_committed_offset_processing_starts_at_the_log_start() -> None:
+    coord, log = make(set(range(3, 100)), committed=None)
+    assert admitted(coord, [3, 4, 5]) == [3, 4, 5]
+    assert log.seeks == []
+    coord, log = make(set(range(3, 100)), committed=None)
+    assert admitted(coord, [9, 3, 4]) == [3, 4]
+    assert log.seeks == [3]
 
 
 def test_events_before_the_seek_wait_for_it() -> None:
     coord = Coordinator(Settings())
     coord.state(TP0)
+    coord._first_record = Log(set(range(100))).first_record  # type: ignore[method-assign]
 
     async def go() -> object:
         waiting = asyncio.ensure_future(coord._admit(ev(10)))
