@@ -146,6 +146,7 @@ class PartitionState:
     #: a committed record Faust did not deliver: nothing after it until it comes
     hole: int | None = None
     watch: asyncio.Future[None] | None = None
+    last_delivery: float = 0.0
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
 
     @property
@@ -174,6 +175,9 @@ class Coordinator:
         #: set by the consumer: seek through Faust's consumer thread, and its read offsets
         self.seek_wait: Callable[[Mapping[TP, int]], Awaitable[None]] | None = None
         self.read_offsets: dict[TP, int | None] | None = None
+        self.resume: Callable[[set[TP]], None] | None = None
+        self.unstalls = 0
+        self._liveness_task: asyncio.Future[None] | None = None
         self.aborts = 0
         self._checker: Any = None
         self.commit_seconds: list[float] = []
@@ -205,11 +209,15 @@ class Coordinator:
             os._exit(EXIT_INJECTED)
 
     async def fail_point(self, step: Step, producer: AIOKafkaProducer) -> None:
-        """Test-only: ``PIPELINE_FAIL_AT=<step>`` aborts the transaction and raises there."""
+        """Test-only: ``PIPELINE_FAIL_AT=<step>`` aborts one transaction and raises there.
+
+        Exactly one partition's commit fails (the first after ``crash_after`` have
+        passed the step), as when the broker times out one transaction.
+        """
         if self.settings.fail_at != step.value:
             return
         self._fail_count += 1
-        if self._fail_count > self.settings.crash_after:
+        if self._fail_count == self.settings.crash_after + 1:
             log.warning("fault injection: failing commit step %r", step.value)
             await producer.abort_transaction()
             raise InjectedFailure(f"injected failure at commit step {step.value}")
@@ -239,6 +247,11 @@ class Coordinator:
         if isinstance(self.read_offsets, PinnedReadOffsets):
             for tp in list(self.partitions):
                 self.read_offsets.unpin(tp)
+        now = asyncio.get_running_loop().time()
+        for st in self.partitions.values():
+            st.last_delivery = now
+        if self._liveness_task is None or self._liveness_task.done():
+            self._liveness_task = asyncio.ensure_future(self._liveness())
         self.settled = True
 
     async def _first_record(self, tp: TP, start: int) -> int | None:
@@ -260,6 +273,49 @@ class Coordinator:
                 return int(msg.offset)
         return None
 
+    def delivered(self, st: PartitionState) -> None:
+        st.last_delivery = asyncio.get_running_loop().time()
+
+    async def _liveness(self) -> None:
+        """Un-stall partitions that Faust stopped delivering while records are waiting.
+
+        Seen after restarts: a partition stays paused (or its re-fetched records are
+        filtered out) although the log has records after our next expected offset. Every
+        few seconds, a partition with no delivery for a while and records pending is
+        resumed and seeked to the next expected offset.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(2.0)
+            if not self.settled or self.seek_wait is None:
+                continue
+            now = loop.time()
+            for tp, st in list(self.partitions.items()):
+                if tp.topic not in self.sources or st.expected is None:
+                    continue
+                if now - st.last_delivery < 3.0 or st.hole is not None:
+                    continue
+                try:
+                    first = await self._first_record(tp, st.expected)
+                except Exception as exc:  # pragma: no cover - broker away; try later
+                    log.warning("liveness check of %s: %r", tp, exc)
+                    continue
+                if first is None or not self.settled:
+                    continue
+                self.unstalls += 1
+                log.warning(
+                    "%s: no delivery for %.0f s with record %d waiting; resuming and seeking to %d",
+                    tp,
+                    now - st.last_delivery,
+                    first,
+                    first,
+                )
+                st.last_delivery = now
+                self._keep_read_offset(tp, first)
+                if self.resume is not None:
+                    self.resume({tp})
+                await self.seek_wait({tp: first})
+
     async def _checker_consumer(self) -> Any:
         from aiokafka import AIOKafkaConsumer
 
@@ -280,6 +336,8 @@ class Coordinator:
         return {TP(k.topic, k.partition): int(v) for k, v in begins.items()}
 
     async def close(self) -> None:
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
         if self._checker is not None:
             await self._checker.stop()
             self._checker = None
@@ -312,6 +370,7 @@ class Coordinator:
         message = event.message
         tp = message.tp
         st = self.partitions.get(tp) or self.state(tp)
+        self.delivered(st)
         offset = message.offset
         expected = st.expected
         if expected is not None and offset != expected:
@@ -496,9 +555,13 @@ class ExactlyOnceTransactionManager(TransactionManager):
         if self.coordinator.fix("route-by-source"):
             tp = source
         else:
-            # Stock Faust: the destination partition picks the transaction.
+            # Stock Faust: the destination partition picks the transaction; when the
+            # consumer has no metadata for the destination topic (it does not read it),
+            # there is no partition and the record goes out in no transaction at all.
             p = self.consumer.key_partition(topic, key, partition)
-            tp = TP(source.topic, source.partition if p is None else int(p))
+            if p is None:
+                return await self.producer.send(topic, key, value, partition, timestamp, headers)
+            tp = TP(source.topic, int(p))
             partition = tp.partition
         producer = self._producers.get(self.transactional_id(tp))
         if producer is None:
@@ -695,4 +758,5 @@ class SettlingConsumer(AiokafkaConsumer):
         eos = self.app.eos  # type: ignore[attr-defined]
         eos.seek_wait = self.seek_wait
         eos.read_offsets = self._read_offset
+        eos.resume = self.resume_partitions
         await eos.settle(dict(self._committed_offset))
