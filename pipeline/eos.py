@@ -171,6 +171,7 @@ class Coordinator:
         self.skipped = 0
         self.settled = False
         self.unsettled_count = 0
+        self.assign_epoch = 0
         self.reseeks = 0
         #: set by the consumer: seek through Faust's consumer thread, and its read offsets
         self.seek_wait: Callable[[Mapping[TP, int]], Awaitable[None]] | None = None
@@ -232,12 +233,21 @@ class Coordinator:
         self.settled = False
         self.unsettled_count += 1
 
+    def assigned(self) -> None:
+        """Partitions were assigned: the recovery that follows ends in :meth:`settle`."""
+        self.assign_epoch = self.unsettled_count
+
     async def settle(self, committed: Mapping[TP, int | None]) -> None:
         """Faust has seeked every stream partition to its committed offset.
 
         A partition without a committed offset starts at the beginning of its log
-        (``auto_offset_reset=earliest``), and is checked from there just the same.
+        (``auto_offset_reset=earliest``), and is checked from there just the same. A
+        seek that ends the recovery of an assignment that another rebalance has since
+        replaced does not settle anything: the newer recovery's seek will.
         """
+        if self.assign_epoch != self.unsettled_count:
+            log.info("ignoring the seek of a superseded assignment")
+            return
         fresh = [tp for tp in self.partitions if committed.get(tp) is None]
         beginnings = await self._beginnings(fresh) if fresh else {}
         for tp, st in self.partitions.items():
@@ -314,7 +324,10 @@ class Coordinator:
                 self._keep_read_offset(tp, first)
                 if self.resume is not None:
                     self.resume({tp})
-                await self.seek_wait({tp: first})
+                try:
+                    await asyncio.wait_for(self.seek_wait({tp: first}), 10.0)
+                except Exception as exc:
+                    log.warning("seek of %s failed: %r", tp, exc)
 
     async def _checker_consumer(self) -> Any:
         from aiokafka import AIOKafkaConsumer
@@ -410,15 +423,16 @@ class Coordinator:
     async def _watch_hole(self, tp: TP, st: PartitionState) -> None:
         """Seek back to the missing record, once a second, until it is delivered."""
         while st.hole is not None and self.seek_wait is not None:
+            if not self.settled:
+                return  # a rebalance started; the next settle starts over
             hole = st.hole
             self.reseeks += 1
             log.warning("%s: record %d was not delivered; seeking back to it", tp, hole)
             self._keep_read_offset(tp, hole)
             try:
-                await self.seek_wait({tp: hole})
-            except Exception as exc:  # a revoked partition: the next rebalance resets it
+                await asyncio.wait_for(self.seek_wait({tp: hole}), 10.0)
+            except Exception as exc:  # revoked meanwhile, or the consumer is busy
                 log.warning("seek of %s failed: %r", tp, exc)
-                return
             await asyncio.sleep(1.0)
         read = self.read_offsets
         if isinstance(read, PinnedReadOffsets):
@@ -484,6 +498,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
+        self.coordinator.assigned()
         keep = self._source_tps(assigned)
         for tp in sorted(self._source_tps(revoked) - keep):
             await self._release(tp)

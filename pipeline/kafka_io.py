@@ -75,6 +75,15 @@ async def produce(
     return n
 
 
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    parts = consumer.partitions_for_topic(topic)
+    if parts is None:
+        # A consumer without subscriptions has no metadata for the topic yet.
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic)
+    return set(parts or ())
+
+
 async def end_offsets(bootstrap: str, topic: str, *, committed: bool = True) -> dict[int, int]:
     """End offsets: the last stable offset (read_committed) or the high watermark."""
     consumer = AIOKafkaConsumer(
@@ -84,10 +93,7 @@ async def end_offsets(bootstrap: str, topic: str, *, committed: bool = True) -> 
     )
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if parts is None:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
+        parts = await _partitions(consumer, topic)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         ends = await consumer.end_offsets(tps) if tps else {}
         return {tp.partition: off for tp, off in ends.items()}
@@ -112,10 +118,7 @@ async def read_topic(
     await consumer.start()
     try:
         if until is None:
-            parts = consumer.partitions_for_topic(topic)
-            if parts is None:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic) or set()
+            parts = await _partitions(consumer, topic)
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             ends = await consumer.end_offsets(tps) if tps else {}
             until = {tp.partition: off for tp, off in ends.items()}
@@ -147,10 +150,7 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
     )
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if parts is None:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
+        parts = await _partitions(consumer, topic)
         out: dict[int, int | None] = {}
         for p in sorted(parts):
             out[p] = await consumer.committed(TopicPartition(topic, p))
