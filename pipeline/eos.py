@@ -179,7 +179,6 @@ class Coordinator:
         self.resume: Callable[[set[TP]], None] | None = None
         self.unstalls = 0
         self._liveness_task: asyncio.Future[None] | None = None
-        self.aborts = 0
         self._checker: Any = None
         self.commit_seconds: list[float] = []
 

@@ -6,6 +6,7 @@ proof never depends on the code it checks.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -65,8 +66,6 @@ async def produce(
             if rate:
                 ahead = n / rate - (time.monotonic() - started)
                 if ahead > 0.005:
-                    import asyncio
-
                     await asyncio.sleep(ahead)
         for fut in pending:
             await fut

@@ -5,10 +5,29 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
+from pipeline.generate import generate
+from pipeline.kafka_io import produce
 from pipeline.procs import Worker, progress, settings_from, wait_drained
+from pipeline.settings import Settings
 
-__all__ = ["Worker", "broker_url", "progress", "settings_from", "unique_env", "wait_drained"]
+__all__ = [
+    "Worker",
+    "broker_url",
+    "feed",
+    "progress",
+    "settings_from",
+    "unique_env",
+    "wait_drained",
+]
+
+
+async def feed(settings: Settings, count: int, **generate_args: Any) -> int:
+    """Produce ``count`` generated records to the test's input topic; returns the count."""
+    return await produce(
+        settings.bootstrap_servers, settings.topic_raw, generate(count, **generate_args)
+    )
 
 
 def broker_url() -> str:

@@ -20,7 +20,7 @@ from pipeline.kafka_io import produce
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
-from .harness import Worker, progress, wait_drained
+from .harness import Worker, feed, progress, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -125,14 +125,7 @@ async def test_crash_at_commit_step(
     step: Step, settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
     count = 4000
-    assert (
-        await produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=3, dup_rate=0.3, bad_rate=0.02),
-        )
-        == count
-    )
+    assert await feed(settings, count, seed=3, dup_rate=0.3, bad_rate=0.02) == count
     worker = make_worker()
     # Die at the 4th commit that reaches the step, so some state is already committed.
     worker.start(
@@ -152,14 +145,7 @@ async def test_at_least_once_mode_processes_everything(
 ) -> None:
     """The benchmark's baseline mode works: without crashes it is also exact."""
     count = 3000
-    assert (
-        await produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=13, dup_rate=0.3, bad_rate=0.02),
-        )
-        == count
-    )
+    assert await feed(settings, count, seed=13, dup_rate=0.3, bad_rate=0.02) == count
     worker = make_worker(PIPELINE_PROCESSING_GUARANTEE="at_least_once")
     worker.start()
     await wait_drained(settings, [worker], timeout=120)

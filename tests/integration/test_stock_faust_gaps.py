@@ -20,7 +20,7 @@ from pipeline.kafka_io import produce, read_topic
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
-from .harness import Worker, wait_drained
+from .harness import Worker, feed, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +37,7 @@ async def test_gap_breaks_exactly_once_without_fix(
     fix: str, step: Step, broken: str, settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
     count = 6000
-    assert (
-        await produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=5, dup_rate=0.3, bad_rate=0.01),
-        )
-        == count
-    )
+    assert await feed(settings, count, seed=5, dup_rate=0.3, bad_rate=0.01) == count
     worker = make_worker(PIPELINE_DISABLE_FIX=fix, PIPELINE_COMMIT_INTERVAL_S="0.05")
     failures = 0
     for _ in range(3):
@@ -60,11 +53,7 @@ async def test_gap_breaks_exactly_once_without_fix(
             break
         # The crash did not catch the window this time; add traffic and crash again.
         assert (
-            await produce(
-                settings.bootstrap_servers,
-                settings.topic_raw,
-                generate(count, seed=5 + _ + 1, dup_rate=0.3, bad_rate=0.01, prefix=f"r{_}"),
-            )
+            await feed(settings, count, seed=5 + _ + 1, dup_rate=0.3, bad_rate=0.01, prefix=f"r{_}")
             == count
         )
         count += count
@@ -83,14 +72,7 @@ async def test_gap_commit_overlaps_processing_without_quiesce(
     With the gate, no send is ever refused (see the other tests' clean logs).
     """
     count = 20_000
-    assert (
-        await produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=9, dup_rate=0.1, bad_rate=0.0),
-        )
-        == count
-    )
+    assert await feed(settings, count, seed=9, dup_rate=0.1, bad_rate=0.0) == count
     worker = make_worker(PIPELINE_DISABLE_FIX="quiesce", PIPELINE_COMMIT_INTERVAL_S="0.02")
     worker.start()
     refused = "Can't send messages while not in transaction"
@@ -108,14 +90,7 @@ async def test_no_send_refused_with_quiesce(
     settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
     count = 20_000
-    assert (
-        await produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=9, dup_rate=0.1, bad_rate=0.0),
-        )
-        == count
-    )
+    assert await feed(settings, count, seed=9, dup_rate=0.1, bad_rate=0.0) == count
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.02")
     worker.start()
     await wait_drained(settings, [worker], timeout=180)
@@ -183,14 +158,7 @@ async def test_failed_commit(
     events whose outputs were just aborted, and they are lost.
     """
     count = 6000
-    assert (
-        await produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=31, dup_rate=0.3, bad_rate=0.01),
-        )
-        == count
-    )
+    assert await feed(settings, count, seed=31, dup_rate=0.3, bad_rate=0.01) == count
     extra = {} if fixed else {"PIPELINE_DISABLE_FIX": "fatal-commit"}
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.05", **extra)
     worker.start(PIPELINE_FAIL_AT=Step.COMMIT.value, PIPELINE_CRASH_AFTER="4")
@@ -233,14 +201,7 @@ async def test_changelog_offsets_persisted(
     are never written during processing and every restart restores from further back.
     """
     count = 4000
-    assert (
-        await produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=41, dup_rate=0.2, bad_rate=0.0),
-        )
-        == count
-    )
+    assert await feed(settings, count, seed=41, dup_rate=0.2, bad_rate=0.0) == count
     extra = {} if fixed else {"PIPELINE_DISABLE_FIX": "changelog-offsets"}
     worker = make_worker(**extra)
     worker.start()
