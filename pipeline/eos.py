@@ -63,6 +63,7 @@ on timeout); the events are read again from the last committed offsets.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import sys
@@ -148,12 +149,34 @@ class PartitionState:
     watch: asyncio.Future[None] | None = None
     last_delivery: float = 0.0
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
+    #: the commit step this partition's commit is at (for the stuck-commit warning)
+    step: str = ""
 
     @property
     def has_progress(self) -> bool:
         if self.processed is None:
             return bool(self.pending)
         return self.committed is None or self.processed + 1 > self.committed or bool(self.pending)
+
+
+@dataclass
+class KnownRecords:
+    """Which offsets in ``[lo, hi)`` of one partition hold committed records."""
+
+    lo: int
+    hi: int
+    offsets: list[int]
+
+    def first_at_or_after(self, start: int) -> int | None:
+        """The first record offset >= ``start`` if the range read holds it, else ``None``.
+
+        ``None`` also when nothing in ``[start, hi)`` is a record: the answer then lies
+        beyond what was read, and the broker is asked.
+        """
+        if not self.lo <= start < self.hi:
+            return None
+        i = bisect.bisect_left(self.offsets, start)
+        return self.offsets[i] if i < len(self.offsets) else None
 
 
 class Coordinator:
@@ -180,6 +203,10 @@ class Coordinator:
         self.unstalls = 0
         self._liveness_task: asyncio.Future[None] | None = None
         self._checker: Any = None
+        self._checker_lock = asyncio.Lock()
+        #: per partition, the committed-record offsets of the last range read
+        self._known: dict[TP, KnownRecords] = {}
+        self._settling: asyncio.Future[None] | None = None
         self.commit_seconds: list[float] = []
 
     def fix(self, name: str) -> bool:
@@ -236,51 +263,152 @@ class Coordinator:
         """Partitions were assigned: the recovery that follows ends in :meth:`settle`."""
         self.assign_epoch = self.unsettled_count
 
-    async def settle(self, committed: Mapping[TP, int | None]) -> None:
-        """Faust has seeked every stream partition to its committed offset.
+    def recovered(self, committed: Mapping[TP, int | None]) -> None:
+        """The recovery of the current assignment completed; start processing.
 
-        A partition without a committed offset starts at the beginning of its log
-        (``auto_offset_reset=earliest``), and is checked from there just the same. A
-        seek that ends the recovery of an assignment that another rebalance has since
-        replaced does not settle anything: the newer recovery's seek will.
+        Called by the app at the end of Faust's recovery. Not from ``perform_seek``:
+        Faust also seeks to committed offsets whenever its fetcher runs while flow is
+        stopped, which happens in the middle of a table recovery; settling then let
+        events be processed against a half-restored dedup table (duplicates).
         """
         if self.assign_epoch != self.unsettled_count:
-            log.info("ignoring the seek of a superseded assignment")
+            log.info("ignoring the end of a superseded recovery")
             return
+        task = asyncio.ensure_future(self.settle(committed, epoch=self.unsettled_count))
+        self._settling = task
+
+    async def settle(self, committed: Mapping[TP, int | None], epoch: int | None = None) -> None:
+        """Set where each partition continues, then let events through.
+
+        A partition without a committed offset starts at the beginning of its log
+        (``auto_offset_reset=earliest``), and is checked from there just the same. If
+        another rebalance started meanwhile (``epoch`` changed), nothing is settled:
+        that rebalance's recovery will.
+        """
+        if epoch is None:
+            epoch = self.unsettled_count
         fresh = [tp for tp in self.partitions if committed.get(tp) is None]
         beginnings = await self._beginnings(fresh) if fresh else {}
+        if epoch != self.unsettled_count:
+            log.info("a rebalance started while settling; not settled")
+            return
         for tp, st in self.partitions.items():
             start = committed.get(tp)
+            if st.committed is not None and (start is None or st.committed > start):
+                # A partition this worker kept: its last commit returned once the broker
+                # decided it, but the offset becomes visible to OffsetFetch only when the
+                # commit marker has reached __consumer_offsets (aiokafka cannot ask for
+                # stable offsets, KIP-447). Our own record of it is exact.
+                log.info(
+                    "%s: committed offset %s not visible yet; using ours, %d",
+                    tp,
+                    start,
+                    st.committed,
+                )
+                start = st.committed
             st.expected = start if start is not None else beginnings.get(tp)
             st.hole = None
         if isinstance(self.read_offsets, PinnedReadOffsets):
             for tp in list(self.partitions):
                 self.read_offsets.unpin(tp)
+        self._known = {tp: k for tp, k in self._known.items() if tp in self.partitions}
         now = asyncio.get_running_loop().time()
         for st in self.partitions.values():
             st.last_delivery = now
         if self._liveness_task is None or self._liveness_task.done():
             self._liveness_task = asyncio.ensure_future(self._liveness())
         self.settled = True
+        log.info(
+            "settled: processing resumes at %s",
+            {f"{tp.topic}[{tp.partition}]": st.expected for tp, st in self.partitions.items()}
+            if len(self.partitions) <= 16
+            else f"{len(self.partitions)} partitions",
+        )
 
     async def _first_record(self, tp: TP, start: int) -> int | None:
         """Offset of the first committed record of ``tp`` at or after ``start``.
 
         Read with a separate ``read_committed`` consumer (kept open, reassigned per
-        question), so the answer does not depend on Faust's delivery.
+        question), so the answer does not depend on Faust's delivery. Each read covers a
+        whole fetch (up to 1 MiB); which offsets in that range hold committed records is
+        remembered, since it never changes. On a topic written by transactions (every
+        commit leaves a marker in each partition it wrote) most gaps are then answered
+        without a round trip.
         """
-        consumer = await self._checker_consumer()
-        ktp = TopicPartition(tp.topic, tp.partition)
-        consumer.assign([ktp])
-        end = (await consumer.end_offsets([ktp]))[ktp]
-        if start >= end:
+        known = self._known.get(tp)
+        if known is not None:
+            answer = known.first_at_or_after(start)
+            if answer is not None:
+                return answer
+        async with self._checker_lock:
+            consumer = await self._checker_consumer()
+            ktp = TopicPartition(tp.topic, tp.partition)
+            consumer.assign([ktp])
+            end = (await consumer.end_offsets([ktp]))[ktp]
+            if start >= end:
+                return None
+            consumer.seek(ktp, start)
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while await consumer.position(ktp) < end:
+                if asyncio.get_running_loop().time() > deadline:
+                    # Unknown: the caller must assume a committed record is missing.
+                    log.warning("%s: could not read from %d in 10 s", tp, start)
+                    return start
+                batch = await consumer.getmany(ktp, timeout_ms=1000)
+                offsets = [int(m.offset) for m in batch.get(ktp, ())]
+                if offsets:
+                    after = await consumer.position(ktp)
+                    self._known[tp] = KnownRecords(start, max(after, offsets[-1] + 1), offsets)
+                    return offsets[0]
             return None
-        consumer.seek(ktp, start)
-        while await consumer.position(ktp) < end:
-            batch = await consumer.getmany(ktp, timeout_ms=1000)
-            for msg in batch.get(ktp, ()):
-                return int(msg.offset)
-        return None
+
+    async def record_ends(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """Per partition, the offset after its last committed *record*.
+
+        The last stable offset of a transactional topic usually points just past a
+        commit marker, which no consumer ever receives. Faust's recovery waits for the
+        record at ``highwater - 1`` and only gives up after two 5-second timeouts, on
+        every restart; this is where it should stop instead.
+        """
+        out: dict[TP, int] = {}
+        async with self._checker_lock:
+            consumer = await self._checker_consumer()
+            ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+            if not ktps:
+                return out
+            consumer.assign(ktps)
+            ends = await consumer.end_offsets(ktps)
+            begins = await consumer.beginning_offsets(ktps)
+            for ktp in ktps:
+                end, begin = int(ends[ktp]), int(begins[ktp])
+                out[TP(ktp.topic, ktp.partition)] = await self._last_record_end(
+                    consumer, ktp, begin, end
+                )
+        return out
+
+    @staticmethod
+    async def _last_record_end(consumer: Any, ktp: TopicPartition, begin: int, end: int) -> int:
+        window = 64
+        hi = end
+        deadline = asyncio.get_running_loop().time() + 15.0
+        while hi > begin:
+            if asyncio.get_running_loop().time() > deadline:  # pragma: no cover
+                # Faust's own timeouts then deal with a trailing marker, slowly.
+                log.warning("%s: no last record found quickly; using the end offset", ktp)
+                return end
+            lo = max(begin, hi - window)
+            consumer.seek(ktp, lo)
+            last = -1
+            while await consumer.position(ktp) < hi:
+                batch = await consumer.getmany(ktp, timeout_ms=1000)
+                for msg in batch.get(ktp, ()):
+                    if msg.offset < hi:
+                        last = max(last, int(msg.offset))
+            if last >= 0:
+                return last + 1
+            hi = lo
+            window *= 4
+        return begin
 
     def delivered(self, st: PartitionState) -> None:
         st.last_delivery = asyncio.get_running_loop().time()
@@ -336,15 +464,16 @@ class Coordinator:
                 bootstrap_servers=self.settings.bootstrap_servers,
                 isolation_level="read_committed",
                 enable_auto_commit=False,
-                max_partition_fetch_bytes=16 * 1024,
+                max_partition_fetch_bytes=1024 * 1024,
             )
             await self._checker.start()
         return self._checker
 
     async def _beginnings(self, tps: list[TP]) -> dict[TP, int]:
-        consumer = await self._checker_consumer()
-        ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
-        begins = await consumer.beginning_offsets(ktps)
+        async with self._checker_lock:
+            consumer = await self._checker_consumer()
+            ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+            begins = await consumer.beginning_offsets(ktps)
         return {TP(k.topic, k.partition): int(v) for k, v in begins.items()}
 
     async def close(self) -> None:
@@ -354,8 +483,23 @@ class Coordinator:
             await self._checker.stop()
             self._checker = None
 
-    async def _admit(self, event: Any) -> PartitionState | None:
-        """The partition state if ``event`` is to be processed, else ``None`` (skip).
+    async def _wait_settled(self) -> int | None:
+        """The assignment epoch to process in, once settled; ``None`` if superseded."""
+        if not self.settled:
+            epoch = self.unsettled_count
+            # Polled, not an asyncio.Event: unsettle() runs on Faust's consumer thread.
+            while not self.settled and epoch == self.unsettled_count:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            if epoch != self.unsettled_count:
+                return None
+        return self.unsettled_count
+
+    def _current(self, tp: TP, st: PartitionState, epoch: int) -> bool:
+        """Still the same assignment as when the event was admitted?"""
+        return self.settled and self.unsettled_count == epoch and self.partitions.get(tp) is st
+
+    async def _admit(self, event: Any, st: PartitionState, epoch: int) -> bool:
+        """Whether ``event`` is to be processed; called with the partition's gate held.
 
         Faust does not guarantee that an agent sees each record of a partition once and
         in order around rebalances: it hands over records while tables are still being
@@ -364,31 +508,26 @@ class Coordinator:
         drops the records the seek fetched again. Processing must instead continue from
         the committed offset, record by record:
 
-        * before the seek, an event waits here (or is dropped if another rebalance
+        * before the recovery ends, an event waits (or is dropped if another rebalance
           starts, as Faust drops its queued events then);
         * an event below the next expected offset is a stale copy: skipped;
         * an event above it is accepted only if no committed record lies in between
           (transaction markers and aborted records take offsets too); otherwise the
           record in between was dropped, so we seek back to it and skip until it comes.
+
+        The caller holds the gate, so a commit cannot slip in between this decision and
+        the processing; since the checks below may wait on the broker, the assignment is
+        checked again at the end.
         """
-        if not self.settled:
-            epoch = self.unsettled_count
-            # Polled, not an asyncio.Event: unsettle() runs on Faust's consumer thread.
-            while not self.settled and epoch == self.unsettled_count:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            if epoch != self.unsettled_count:
-                self.skipped += 1
-                return None
         message = event.message
         tp = message.tp
-        st = self.partitions.get(tp) or self.state(tp)
         self.delivered(st)
         offset = message.offset
         expected = st.expected
         if expected is not None and offset != expected:
             if offset < expected:
                 self.skipped += 1
-                return None
+                return False
             if st.hole is None:
                 first = await self._first_record(tp, expected)
                 if first is not None and first < offset:
@@ -396,14 +535,17 @@ class Coordinator:
             if st.hole is not None:
                 if offset < st.hole:  # pragma: no cover - below the hole: stale
                     self.skipped += 1
-                    return None
+                    return False
                 if offset > st.hole:
                     self.skipped += 1
                     await self._reseek(tp, st, st.hole)
-                    return None
+                    return False
+        if not self._current(tp, st, epoch):
+            self.skipped += 1
+            return False
         st.hole = None
         st.expected = offset + 1
-        return st
+        return True
 
     def _keep_read_offset(self, tp: TP, offset: int) -> None:
         # Faust's fetch loop drops records below its last delivered offset; stale
@@ -452,14 +594,22 @@ class Coordinator:
         async for value in stream:
             event = stream.current_event
             assert event is not None
-            st = await self._admit(event)
-            if st is None:
+            epoch = await self._wait_settled()
+            tp = event.message.tp
+            st = self.partitions.get(tp)
+            if epoch is None or st is None:
+                # A rebalance replaced the assignment, or ``tp`` is not (or no longer)
+                # ours: a stale delivery that its current owner processes.
+                self.skipped += 1
                 continue
             if not quiesce:
-                yield value
-                st.processed = event.message.offset
+                if await self._admit(event, st, epoch):
+                    yield value
+                    st.processed = event.message.offset
                 continue
             async with st.gate:
+                if not await self._admit(event, st, epoch):
+                    continue
                 yield value
                 st.processed = event.message.offset
 
@@ -473,6 +623,9 @@ class ExactlyOnceTransactionManager(TransactionManager):
         super().__init__(transport, consumer=consumer, producer=producer, **kwargs)
         self.coordinator = self.app.eos  # type: ignore[attr-defined]
         self._producers: dict[str, AIOKafkaProducer] = {}
+        #: source partitions this worker holds a transactional producer for
+        self._held: set[TP] = set()
+        self._commit_lock = asyncio.Lock()
 
     # -- naming -------------------------------------------------------------------------
 
@@ -491,15 +644,27 @@ class ExactlyOnceTransactionManager(TransactionManager):
     # -- rebalance ----------------------------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
-        # Faust has committed through self.commit() before calling this.
-        return None
+        # Faust's revoke path has already asked for a commit, but Faust skips it when a
+        # timer commit is in flight ("wait for it, then do nothing"), and it only commits
+        # what its own ack tracking allows. Events processed after the in-flight commit
+        # took its snapshot would stay in the open transaction; for a partition this
+        # worker keeps, the next recovery then seeks back to the older committed offset
+        # and processes them again into that same transaction. So commit here, ourselves,
+        # everything processed so far. Events are held back from now until the next
+        # recovery ends (the coordinator is unsettled), so nothing new slips in.
+        await self.commit({})
 
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
         self.coordinator.assigned()
         keep = self._source_tps(assigned)
-        for tp in sorted(self._source_tps(revoked) - keep):
+        # Release by what we hold, not by Faust's ``revoked``: a partition that moves
+        # from active to standby here is still "assigned" to the consumer (Faust assigns
+        # standby source partitions, paused), so it is in neither set. Keeping its
+        # producer would skip InitProducerId when it comes back, and with it the fencing
+        # of, and the wait for, the transaction its owner meanwhile had open.
+        for tp in sorted(self._held - keep):
             await self._release(tp)
         for tp in sorted(keep):
             if self.transactional_id(tp) not in self._producers:
@@ -517,6 +682,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         except Exception as exc:
             fatal(f"could not start the transaction of {tid}", exc)
         self._producers[tid] = producer
+        self._held.add(tp)
         st = self.coordinator.state(tp)
         st.pending.clear()
         st.processed = None
@@ -527,6 +693,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
     async def _release(self, tp: TP) -> None:
         tid = self.transactional_id(tp)
         producer = self._producers.pop(tid, None)
+        self._held.discard(tp)
         for store in self.coordinator.stores.get(tp.topic, ()):
             store.discard(tp)
         self.coordinator.partitions.pop(tp, None)
@@ -546,6 +713,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
             except Exception as exc:  # pragma: no cover
                 log.warning("stopping producer %s: %r", tid, exc)
         self._producers.clear()
+        self._held.clear()
 
     # -- sending ------------------------------------------------------------------------
 
@@ -609,6 +777,12 @@ class ExactlyOnceTransactionManager(TransactionManager):
     # -- committing ---------------------------------------------------------------------
 
     async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        # Faust's timer and our revoke hook may both commit; one at a time, and the
+        # second then commits whatever progress the first did not include.
+        async with self._commit_lock:
+            return await self._commit_all()
+
+    async def _commit_all(self) -> bool:
         coord = self.coordinator
         tps = [
             tp
@@ -619,9 +793,26 @@ class ExactlyOnceTransactionManager(TransactionManager):
             return False
         loop = asyncio.get_running_loop()
         started = loop.time()
-        results = await asyncio.gather(
-            *(self._commit_tp(tp, start_new_transaction) for tp in tps), return_exceptions=True
+        # ``start_new_transaction`` is ignored: Faust passes False when it commits at a
+        # revoke, and then a partition this worker keeps would have no open transaction
+        # for its next event. Beginning is client-side only in Kafka (an empty
+        # transaction costs the broker nothing), and a released partition's producer
+        # aborts it when stopped.
+        gathered = asyncio.gather(
+            *(self._commit_tp(tp) for tp in tps),
+            return_exceptions=True,
         )
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=5.0)
+            if done:
+                break
+            stuck = {
+                f"{tp.topic}[{tp.partition}]": coord.partitions[tp].step
+                for tp in tps
+                if tp in coord.partitions and coord.partitions[tp].step
+            }
+            log.warning("commit running for %.0f s; at steps %s", loop.time() - started, stuck)
+        results = gathered.result()
         for tp, result in zip(tps, results, strict=True):
             if isinstance(result, BaseException):
                 if coord.fix("fatal-commit"):
@@ -644,18 +835,23 @@ class ExactlyOnceTransactionManager(TransactionManager):
         except Exception as exc:
             log.error("begin of %s failed (swallowed, fix disabled): %r", tp, exc)
 
-    async def _commit_tp(self, tp: TP, start_new_transaction: bool) -> None:
+    def _at(self, st: PartitionState, step: Step) -> None:
+        st.step = step.value
+        self.coordinator.crash_point(step)
+
+    async def _commit_tp(self, tp: TP) -> None:
         coord = self.coordinator
         st = coord.state(tp)
         tid = self.transactional_id(tp)
         producer = self._producers[tid]
-        coord.crash_point(Step.QUIESCE)
+        self._at(st, Step.QUIESCE)
         gate = st.gate if coord.fix("quiesce") else _NO_GATE
+        st.step = "waiting for the gate"
         async with gate:  # 1. quiesce
             offset = None if st.processed is None else st.processed + 1
             stores = coord.stores.get(tp.topic, ()) if coord.fix("local-state") else ()
 
-            coord.crash_point(Step.CHANGELOG)  # 2. changelog
+            self._at(st, Step.CHANGELOG)  # 2. changelog
             changelog: list[tuple[TransactionalStore, asyncio.Future[Any]]] = []
             for store in stores:
                 for key, value in store.dirty_items(tp):
@@ -665,26 +861,26 @@ class ExactlyOnceTransactionManager(TransactionManager):
                     changelog.append((store, fut))
                     st.pending.append(fut)
 
-            coord.crash_point(Step.DRAIN)  # 3. drain
+            self._at(st, Step.DRAIN)  # 3. drain
             if coord.fix("flush-before-commit"):
                 pending, st.pending = st.pending, []
                 await asyncio.gather(*pending)
             else:
                 st.pending = []
 
-            coord.crash_point(Step.OFFSETS)  # 4. offsets
+            self._at(st, Step.OFFSETS)  # 4. offsets
             if offset is not None and (st.committed is None or offset > st.committed):
                 await producer.send_offsets_to_transaction(
                     {TopicPartition(tp.topic, tp.partition): offset}, self.app.conf.id
                 )
 
-            coord.crash_point(Step.COMMIT)  # 5. commit
+            self._at(st, Step.COMMIT)  # 5. commit
             await coord.fail_point(Step.COMMIT, producer)
             await producer.commit_transaction()
             if offset is not None:
                 st.committed = offset
 
-            coord.crash_point(Step.PERSIST)  # 6. persist
+            self._at(st, Step.PERSIST)  # 6. persist
             last: dict[int, int] = {}
             for store, fut in changelog:
                 md = fut.result()
@@ -694,9 +890,9 @@ class ExactlyOnceTransactionManager(TransactionManager):
                 # Stock Faust (#599) loses these offsets; then restores start too early.
                 store.persist(tp, last.get(id(store)) if keep_offsets else None)
 
-            coord.crash_point(Step.BEGIN)  # 7. begin
-            if start_new_transaction:
-                await producer.begin_transaction()
+            self._at(st, Step.BEGIN)  # 7. begin
+            await producer.begin_transaction()
+            st.step = ""
 
 
 class _NoGate:
@@ -762,15 +958,17 @@ class SettlingConsumer(AiokafkaConsumer):
         # (-1) for a partition not fetched yet; recovery then raises ConsistencyError
         # for a persisted offset "above the highwater". Ask the broker instead: a
         # read_committed consumer's end offsets are the last stable offsets.
-        thread = self._thread
-        consumer = thread._ensure_consumer()
-        ends = await thread.call_thread(consumer.end_offsets, list(partitions))
-        return {TP(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
+        # And not the last stable offset itself but the end of the last committed
+        # record (see Coordinator.record_ends): with transactional changelogs the
+        # offset before the LSO is a commit marker that recovery would wait for.
+        eos = self.app.eos  # type: ignore[attr-defined]
+        return await eos.record_ends(partitions)
 
     async def perform_seek(self) -> None:
+        # Processing starts when the app's recovery ends (Coordinator.recovered), not
+        # here: Faust also calls this from its fetcher in the middle of a recovery.
         await super().perform_seek()
         eos = self.app.eos  # type: ignore[attr-defined]
         eos.seek_wait = self.seek_wait
         eos.read_offsets = self._read_offset
         eos.resume = self.resume_partitions
-        await eos.settle(dict(self._committed_offset))

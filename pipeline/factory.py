@@ -49,6 +49,16 @@ class PipelineApp(faust.App):
         super().on_rebalance_start()
         self.eos.unsettle()
 
+    def on_rebalance_end(self) -> None:
+        # Faust calls this only when the recovery of the current assignment completed:
+        # tables restored, stream partitions seeked to their committed offsets (read
+        # after our producers' InitProducerId, so they are stable). That, not any seek,
+        # is when processing may start; see Coordinator.recovered.
+        super().on_rebalance_end()
+        if self.settings.exactly_once:
+            committed = dict(self.consumer._committed_offset)  # type: ignore[attr-defined]
+            self.eos.recovered(committed)
+
     async def on_first_start(self) -> None:
         # Source and output topics are declared here, before the consumer subscribes,
         # with the partition count of the settings (Faust declares only internal ones).

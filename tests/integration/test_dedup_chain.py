@@ -16,13 +16,39 @@ import pytest
 
 from pipeline.eos import COMMIT_STEPS, EXIT_INJECTED, Step
 from pipeline.generate import generate
-from pipeline.kafka_io import produce
+from pipeline.kafka_io import committed_offsets, end_offsets, produce
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
 from .harness import Worker, feed, progress, wait_drained
 
 pytestmark = pytest.mark.integration
+
+
+async def _wait_every_partition_moves(
+    settings: Settings, workers: list[Worker], timeout: float
+) -> None:
+    """Wait until every partition with work left has committed past where it stood.
+
+    After a worker is killed this proves its partitions were really taken over, rather
+    than the survivor merely making progress on its own ones.
+    """
+    before = await committed_offsets(
+        settings.bootstrap_servers, settings.app_id, settings.topic_raw
+    )
+    ends = await end_offsets(settings.bootstrap_servers, settings.topic_raw)
+    waiting = {p for p, end in ends.items() if (before.get(p) or 0) < end}
+    deadline = time.monotonic() + timeout
+    while waiting:
+        now = await committed_offsets(
+            settings.bootstrap_servers, settings.app_id, settings.topic_raw
+        )
+        waiting = {p for p in waiting if (now.get(p) or 0) <= (before.get(p) or 0)}
+        if not any(w.alive for w in workers):
+            raise AssertionError("workers exited:\n" + "\n".join(w.log_tail() for w in workers))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"partitions {sorted(waiting)} did not move in {timeout}s")
+        await asyncio.sleep(0.2)
 
 
 async def _wait_progress(
@@ -86,11 +112,6 @@ async def test_kill9_single_worker_stays_exactly_once(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue #2 note): about 1 run in 8 commits a few duplicates when a "
-    "partition moves between two live workers; kept running so it shows as XPASS/XFAIL",
-)
 async def test_two_workers_rebalance_under_load(
     settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
@@ -109,12 +130,14 @@ async def test_two_workers_rebalance_under_load(
     done = await _wait_progress(settings, 0, [a, b], timeout=90)
     # b dies; its partitions move to a while traffic flows.
     b.kill9()
+    await _wait_every_partition_moves(settings, [a], timeout=120)
     done = await _wait_progress(settings, done + 2000, [a], timeout=120)
     # b comes back (another rebalance), then a dies and b takes everything.
     b.start()
     await asyncio.sleep(8)
     done = await _wait_progress(settings, done, [a, b], timeout=90)
     a.kill9()
+    await _wait_every_partition_moves(settings, [b], timeout=120)
     assert await feeder == count
     await wait_drained(settings, [a, b], timeout=240)
     await _check(settings, count)
