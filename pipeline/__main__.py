@@ -35,6 +35,7 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
             seed=args.seed,
             dup_rate=args.dup_rate,
             bad_rate=args.bad_rate,
+            illegal_rate=args.illegal_rate,
             prefix=args.prefix,
         )
         return await produce(
@@ -60,17 +61,17 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from pipeline.procs import progress
+    from pipeline.procs import drained
 
     deadline = time.monotonic() + (args.wait or 0)
     while True:
-        done, total = asyncio.run(progress(settings))
+        done, total = asyncio.run(drained(settings))
         if not args.wait or done >= total or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     print(
-        f"{settings.topic_raw}: {done} of {total} records committed by group "
-        f"{settings.app_id} (lag {total - done})"
+        f"{settings.topic_raw} -> {settings.topic_unique} -> {settings.deltas_topic}: "
+        f"{done} of {total} records committed by group {settings.app_id} (lag {total - done})"
     )
     return 0 if done >= total else 1
 
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=10_000, help="records to send (default 10000)")
     p.add_argument("--dup-rate", type=float, default=0.3, help="share of re-sent copies (0.3)")
     p.add_argument("--bad-rate", type=float, default=0.01, help="share of bad records (0.01)")
+    p.add_argument(
+        "--illegal-rate",
+        type=float,
+        default=0.05,
+        help="share of orders with an illegal or out-of-order event (0.05)",
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed (1)")
     p.add_argument("--rate", type=float, default=None, help="records per second (unlimited)")
     p.add_argument("--prefix", default="o", help="order id prefix, to keep runs apart")

@@ -80,6 +80,8 @@ from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.types import TP
 from faust.types.tuples import RecordMetadata
 
+from pipeline.kafka_io import last_record_end
+
 if TYPE_CHECKING:
     from faust.types import StreamT
 
@@ -381,34 +383,8 @@ class Coordinator:
             begins = await consumer.beginning_offsets(ktps)
             for ktp in ktps:
                 end, begin = int(ends[ktp]), int(begins[ktp])
-                out[TP(ktp.topic, ktp.partition)] = await self._last_record_end(
-                    consumer, ktp, begin, end
-                )
+                out[TP(ktp.topic, ktp.partition)] = await last_record_end(consumer, ktp, begin, end)
         return out
-
-    @staticmethod
-    async def _last_record_end(consumer: Any, ktp: TopicPartition, begin: int, end: int) -> int:
-        window = 64
-        hi = end
-        deadline = asyncio.get_running_loop().time() + 15.0
-        while hi > begin:
-            if asyncio.get_running_loop().time() > deadline:  # pragma: no cover
-                # Faust's own timeouts then deal with a trailing marker, slowly.
-                log.warning("%s: no last record found quickly; using the end offset", ktp)
-                return end
-            lo = max(begin, hi - window)
-            consumer.seek(ktp, lo)
-            last = -1
-            while await consumer.position(ktp) < hi:
-                batch = await consumer.getmany(ktp, timeout_ms=1000)
-                for msg in batch.get(ktp, ()):
-                    if msg.offset < hi:
-                        last = max(last, int(msg.offset))
-            if last >= 0:
-                return last + 1
-            hi = lo
-            window *= 4
-        return begin
 
     def delivered(self, st: PartitionState) -> None:
         st.last_delivery = asyncio.get_running_loop().time()

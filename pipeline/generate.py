@@ -3,7 +3,10 @@
 Orders go through realistic lifecycles (created, one or more payments, shipped or
 cancelled). On top of that the generator re-sends earlier events with the same
 ``event_id`` (as a retrying producer would: some right away, some much later) and mixes
-in bad records of several kinds. The same seed gives the same records.
+in bad records of several kinds. With ``illegal_rate``, that share of orders also gets a
+lifecycle with a mistake the state machine must reject: two events swapped, an event
+after the end, a second OrderCreated, or a stray event of an order never created.
+The same seed gives the same records.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ class Record:
     kind: str
 
 
-def _lifecycle(rng: random.Random, order_id: str, user_id: str, ts: int) -> list[dict[str, object]]:
+#: what an order's lifecycle may get wrong, for the state machine to reject
+ILLEGAL_KINDS = ("swapped", "after-end", "double-create", "never-created")
+
+
+def _lifecycle(
+    rng: random.Random, order_id: str, user_id: str, ts: int, illegal_rate: float = 0.0
+) -> list[dict[str, object]]:
     amount = rng.randrange(100, 50_000)
     events: list[dict[str, object]] = [
         {"type": "OrderCreated", "user_id": user_id, "amount_cents": amount}
@@ -53,6 +62,26 @@ def _lifecycle(rng: random.Random, order_id: str, user_id: str, ts: int) -> list
             events.append({"type": "OrderCancelled"})
     elif roll < 0.9:
         events.append({"type": "OrderCancelled"})
+    if illegal_rate and rng.random() < illegal_rate:
+        kind = ILLEGAL_KINDS[rng.randrange(len(ILLEGAL_KINDS))]
+        if kind == "swapped" and len(events) >= 2:
+            # Out of order: e.g. a payment before the order exists, a shipment before
+            # the payment. The early one is rejected; the rest may then still apply.
+            i = rng.randrange(len(events) - 1)
+            events[i], events[i + 1] = events[i + 1], events[i]
+        elif kind == "after-end":
+            late = rng.choice(["PaymentReceived", "OrderShipped", "OrderCancelled"])
+            extra: dict[str, object] = {"type": late}
+            if late == "PaymentReceived":
+                extra["amount_cents"] = rng.randrange(1, 1000)
+            events.append(extra)
+        elif kind == "double-create":
+            events.insert(1, {"type": "OrderCreated", "user_id": user_id, "amount_cents": 1})
+        else:
+            # Nothing of this order but a stray event: its OrderCreated never comes.
+            events = [{"type": rng.choice(["PaymentReceived", "OrderShipped"]), "amount_cents": 5}]
+            if events[0]["type"] == "OrderShipped":
+                del events[0]["amount_cents"]
     for i, e in enumerate(events):
         e["event_id"] = f"{order_id}-e{i}"
         e["order_id"] = order_id
@@ -100,6 +129,7 @@ def generate(
     bad_rate: float = 0.01,
     start_ms: int = 1_700_000_000_000,
     prefix: str = "o",
+    illegal_rate: float = 0.0,
 ) -> Iterator[Record]:
     """Yield exactly ``count`` records."""
     rng = random.Random(seed)
@@ -127,7 +157,7 @@ def generate(
             orders += 1
             oid = f"{prefix}{orders}"
             uid = f"u{rng.randrange(1, 1 + max(10, count // 40))}"
-            active.append(_lifecycle(rng, oid, uid, start_ms + n))
+            active.append(_lifecycle(rng, oid, uid, start_ms + n, illegal_rate))
         slot = rng.randrange(len(active))
         doc = active[slot].pop(0)
         doc["ts_ms"] = start_ms + n

@@ -7,14 +7,18 @@ proof never depends on the code it checks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.generate import Record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,5 +158,60 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
         for p in sorted(parts):
             out[p] = await consumer.committed(TopicPartition(topic, p))
         return out
+    finally:
+        await consumer.stop()
+
+
+async def last_record_end(consumer: Any, ktp: TopicPartition, begin: int, end: int) -> int:
+    """The offset after the last committed record of ``ktp`` in ``[begin, end)``.
+
+    On a transactional topic the last stable offset usually lies just past a commit
+    marker that no consumer ever receives; "processed everything" means having
+    committed this offset, not the LSO. ``consumer`` must read ``read_committed`` and
+    have ``ktp`` assigned. Reads backwards in growing windows.
+    """
+    window = 64
+    hi = end
+    deadline = asyncio.get_running_loop().time() + 15.0
+    while hi > begin:
+        if asyncio.get_running_loop().time() > deadline:  # pragma: no cover
+            log.warning("%s: no last record found quickly; using the end offset", ktp)
+            return end
+        lo = max(begin, hi - window)
+        consumer.seek(ktp, lo)
+        last = -1
+        while await consumer.position(ktp) < hi:
+            batch = await consumer.getmany(ktp, timeout_ms=1000)
+            for msg in batch.get(ktp, ()):
+                if msg.offset < hi:
+                    last = max(last, int(msg.offset))
+        if last >= 0:
+            return last + 1
+        hi = lo
+        window *= 4
+    return begin
+
+
+async def record_ends(bootstrap: str, topic: str) -> dict[int, int]:
+    """Per partition of ``topic``, the offset after its last committed record."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=256 * 1024,
+    )
+    await consumer.start()
+    try:
+        parts = await _partitions(consumer, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        return {
+            tp.partition: await last_record_end(consumer, tp, int(begins[tp]), int(ends[tp]))
+            for tp in tps
+        }
     finally:
         await consumer.stop()

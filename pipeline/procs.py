@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.kafka_io import committed_offsets, end_offsets
+from pipeline.kafka_io import committed_offsets, end_offsets, record_ends
 from pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,13 +139,28 @@ async def progress(settings: Settings) -> tuple[int, int]:
     return done, sum(ends.values())
 
 
+async def drained(settings: Settings) -> tuple[int, int]:
+    """(committed, to do) summed over every stage's input: raw, unique and the deltas.
+
+    "To do" ends at each partition's last committed record, not its end offset: on the
+    transactional topics between stages the end offset lies past a commit marker.
+    """
+    done = total = 0
+    for topic in (settings.topic_raw, settings.topic_unique, settings.deltas_topic):
+        ends = await record_ends(settings.bootstrap_servers, topic)
+        committed = await committed_offsets(settings.bootstrap_servers, settings.app_id, topic)
+        done += sum(min(committed.get(p) or 0, end) for p, end in ends.items())
+        total += sum(ends.values())
+    return done, total
+
+
 async def wait_drained(
     settings: Settings, workers: list[Worker], timeout: float, poll: float = 0.5
 ) -> None:
-    """Wait until the group committed every input offset; fail early if all workers died."""
+    """Wait until every stage committed all its input; fail early if all workers died."""
     deadline = time.monotonic() + timeout
     while True:
-        done, total = await progress(settings)
+        done, total = await drained(settings)
         if total and done >= total:
             return
         if not any(w.alive for w in workers):

@@ -9,6 +9,11 @@ tables of the worker), and diffs the result against what the output topics hold:
   events as the accepted copies in the input;
 * ``orders.dlq``: every bad input record exactly once (by topic, partition, offset), with
   the reason the validator gives;
+* ``orders.changes``, ``orders.rejected``, ``coupons.issued``: per order, exactly the
+  records the state machine (:func:`tables.orders.transition`) gives when replayed over
+  the accepted events in per-order input order;
+* the ``orders`` and ``users.balances`` tables, read from their changelogs (last value
+  per key): exactly the replayed state;
 * no transaction left open: on every output partition the last stable offset equals the
   high watermark.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +30,18 @@ import orjson
 
 from agents.dedup import DeadLetter, Drop, Forward, decide_record
 from pipeline.kafka_io import end_offsets, read_topic
+from pipeline.models import OrderEvent, parse_event
 from pipeline.settings import Settings
+from tables.orders import (
+    Balance,
+    BalanceDelta,
+    Change,
+    Coupon,
+    Order,
+    Rejected,
+    apply_delta,
+    transition,
+)
 
 EXAMPLES = 5
 
@@ -63,6 +80,9 @@ class Report:
     open_transactions: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    #: the rebuilt table state, for callers that compare it with web views
+    orders: dict[str, Order] = field(default_factory=dict, repr=False)
+    balances: dict[str, Balance] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -128,6 +148,10 @@ async def reconcile(settings: Settings) -> Report:
     seen: dict[int, dict[bytes, bytes]] = defaultdict(dict)
     expected_order: dict[bytes, list[bytes]] = defaultdict(list)  # order_id -> event ids
     expected_dlq: dict[tuple[int, int], str] = {}
+    # The state machine replayed over the accepted events, in per-order input order.
+    orders: dict[str, Order] = {}
+    balances: dict[str, Balance] = {}
+    wanted: dict[str, dict[str, list[Any]]] = {k: defaultdict(list) for k in _SEQUENCES}
     raw_topic = settings.topic_raw
     async for m in read_topic(bootstrap, raw_topic):
         report.input_records += 1
@@ -138,6 +162,9 @@ async def reconcile(settings: Settings) -> Report:
         if isinstance(action, Forward):
             state[action.event_id] = action.first_ms.to_bytes(8, "big", signed=True)
             expected_order[action.order_key].append(action.event_id)
+            event = parse_event(m.value, m.key)
+            assert isinstance(event, OrderEvent)
+            _replay(event, orders, balances, wanted)
         elif isinstance(action, DeadLetter):
             expected_dlq[(m.partition, m.offset)] = orjson.loads(action.value)["reason"]
         else:
@@ -220,8 +247,55 @@ async def reconcile(settings: Settings) -> Report:
             dc.note(f"missing dlq record for {raw_topic}:{where[0]}:{where[1]}")
     report.checks.append(dc)
 
+    # -- the state machine's outputs ------------------------------------------------------
+    topics = {
+        "changes": settings.topic_changes,
+        "rejected": settings.topic_rejected,
+        "coupons": settings.topic_coupons,
+    }
+    for kind, topic in topics.items():
+        produced: dict[str, list[Any]] = defaultdict(list)
+        check = TopicCheck(topic, expected=sum(len(v) for v in wanted[kind].values()))
+        async for m in read_topic(bootstrap, topic):
+            check.actual += 1
+            try:
+                doc = orjson.loads(m.value or b"")
+                produced[doc["order_id"]].append(_SEQUENCES[kind](doc))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                check.unexpected += 1
+                check.note(f"undecodable record at {m.partition}:{m.offset}")
+        _diff_sequences(check, wanted[kind], produced)
+        report.checks.append(check)
+
+    # -- the tables, from their changelogs ------------------------------------------------
+    report.checks.append(
+        await _diff_table(
+            bootstrap,
+            f"{settings.app_id}-orders-changelog",
+            {k.encode(): v.to_json() for k, v in orders.items()},
+            lambda raw: Order.decode(raw).to_json(),
+        )
+    )
+    report.checks.append(
+        await _diff_table(
+            bootstrap,
+            f"{settings.app_id}-users.balances-changelog",
+            {k.encode(): v.to_json() for k, v in balances.items()},
+            lambda raw: Balance.decode(raw).to_json(),
+        )
+    )
+    report.orders = orders
+    report.balances = balances
+
     # -- no transaction left open -------------------------------------------------------
-    for topic in (settings.topic_unique, settings.topic_dlq):
+    for topic in (
+        settings.topic_unique,
+        settings.topic_dlq,
+        settings.topic_changes,
+        settings.topic_rejected,
+        settings.topic_coupons,
+        settings.deltas_topic,
+    ):
         lso = await end_offsets(bootstrap, topic, committed=True)
         hw = await end_offsets(bootstrap, topic, committed=False)
         open_parts = {p: (lso[p], hw[p]) for p in hw if lso.get(p) != hw[p]}
@@ -231,3 +305,90 @@ async def reconcile(settings: Settings) -> Report:
     report.seconds = time.monotonic() - started
     report.peak_rss_mb = _peak_rss_mb()
     return report
+
+
+#: per output topic, the comparable form of one record (order of fields fixed)
+_SEQUENCES: dict[str, Callable[[dict[str, Any]], tuple[Any, ...]]] = {
+    "changes": lambda d: (d["event_id"], d["from"], d["to"], d["version"], d["ts_ms"]),
+    "rejected": lambda d: (d["event_id"], d["reason"], d["state"]),
+    "coupons": lambda d: (d["coupon_id"], d["user_id"], d["amount_cents"]),
+}
+
+
+def _replay(
+    event: OrderEvent,
+    orders: dict[str, Order],
+    balances: dict[str, Balance],
+    want: dict[str, dict[str, list[Any]]],
+) -> None:
+    after, outputs = transition(orders.get(event.order_id), event)
+    rejected = bool(outputs) and isinstance(outputs[0], Rejected)
+    if not rejected and after != orders.get(event.order_id):
+        orders[event.order_id] = after
+    for out in outputs:
+        if isinstance(out, Change):
+            want["changes"][out.order_id].append(_SEQUENCES["changes"](out.to_json()))
+        elif isinstance(out, Rejected):
+            want["rejected"][out.order_id].append(_SEQUENCES["rejected"](out.to_json()))
+        elif isinstance(out, Coupon):
+            want["coupons"][out.order_id].append(_SEQUENCES["coupons"](out.to_json()))
+        elif isinstance(out, BalanceDelta):
+            balances[out.user_id] = apply_delta(balances.get(out.user_id), out)
+
+
+def _diff_sequences(
+    check: TopicCheck, want: dict[str, list[Any]], got: dict[str, list[Any]]
+) -> None:
+    """Per order, the records must be exactly the expected ones, in the same order."""
+    for key in want.keys() | got.keys():
+        w, g = want.get(key, []), got.get(key, [])
+        if w == g:
+            continue
+        wn, gn = Counter(w), Counter(g)
+        for item in wn.keys() | gn.keys():
+            extra = gn[item] - wn[item]
+            if extra > 0 and wn[item] == 0:
+                check.unexpected += extra
+                check.note(f"{key}: unexpected {item}")
+            elif extra > 0:
+                check.duplicates += extra
+                check.note(f"{key}: duplicate {item} ({gn[item]}x)")
+            elif extra < 0:
+                check.missing += -extra
+                check.note(f"{key}: missing {item}")
+        if wn == gn:
+            check.out_of_order += 1
+            check.note(f"{key}: out of order")
+
+
+async def _diff_table(
+    bootstrap: str,
+    changelog: str,
+    want: dict[bytes, dict[str, Any]],
+    decode: Callable[[bytes], dict[str, Any]],
+) -> TopicCheck:
+    """The table's committed state (last value per key in its changelog) vs expected."""
+    check = TopicCheck(changelog, expected=len(want))
+    got: dict[bytes, dict[str, Any] | None] = {}
+    async for m in read_topic(bootstrap, changelog):
+        if m.key is None:
+            continue
+        got[m.key] = decode(m.value) if m.value is not None else None
+    present = {k: v for k, v in got.items() if v is not None}
+    check.actual = len(present)
+    for key in want.keys() | present.keys():
+        w, g = want.get(key), present.get(key)
+        if w == g:
+            continue
+        if g is None:
+            check.missing += 1
+            check.note(f"missing row {key.decode()}")
+        elif w is None:
+            check.unexpected += 1
+            check.note(f"unexpected row {key.decode()}: {g}")
+        else:
+            # A wrong state: for an order or balance this is what a duplicate or a lost
+            # event leaves behind.
+            check.mismatched += 1
+            check.note(f"row {key.decode()}: {g}, expected {w}")
+    return check

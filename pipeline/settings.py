@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     topic_changes: str = "orders.changes"
     topic_rejected: str = "orders.rejected"
     topic_coupons: str = "coupons.issued"
+    #: the repartition hop to per-user balances (internal); default "<app_id>-balance-deltas"
+    topic_deltas: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -69,6 +71,10 @@ class Settings(BaseSettings):
         return ",".join(
             part.split("://", 1)[-1] for part in self.broker.replace(";", ",").split(",")
         )
+
+    @property
+    def deltas_topic(self) -> str:
+        return self.topic_deltas or f"{self.app_id}-balance-deltas"
 
     @property
     def exactly_once(self) -> bool:

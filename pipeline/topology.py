@@ -24,6 +24,12 @@ class Topology:
     dlq: TopicT
     dedup_table: Any
     dedup_store: TransactionalStore
+    changes: TopicT
+    rejected: TopicT
+    coupons: TopicT
+    deltas: TopicT
+    orders_table: Any
+    balances_table: Any
 
 
 def _topic(app: PipelineApp, name: str, partitions: int) -> TopicT:
@@ -40,7 +46,7 @@ def _topic(app: PipelineApp, name: str, partitions: int) -> TopicT:
 
 
 def build(settings: Settings | None = None) -> Topology:
-    from agents import dedup
+    from agents import dedup, orders
     from pipeline import web
 
     settings = settings or Settings()
@@ -64,9 +70,45 @@ def build(settings: Settings | None = None) -> Topology:
     store = dedup_table.data
     assert isinstance(store, TransactionalStore)
 
-    topo = Topology(settings, app, raw, unique, dlq, dedup_table, store)
-    app.eos.register_source(raw.get_topic_name())
-    app.eos.register_store(raw.get_topic_name(), store)
+    changes = _topic(app, settings.topic_changes, n)
+    rejected = _topic(app, settings.topic_rejected, n)
+    coupons = _topic(app, settings.topic_coupons, n)
+    # The repartition hop: balance deltas keyed by user_id, so that one partition owns
+    # each user's balance. Internal; read only by the balances agent.
+    deltas = _topic(app, settings.deltas_topic, n)
+
+    # order_id -> Order (JSON); co-partitioned with orders.unique, which is keyed by
+    # order_id, so each order's events and state meet in one partition.
+    orders_table = app.Table("orders", key_type=bytes, value_type=bytes, partitions=n)
+    # user_id -> Balance (JSON); co-partitioned with the deltas topic.
+    balances_table = app.Table("users.balances", key_type=bytes, value_type=bytes, partitions=n)
+
+    topo = Topology(
+        settings,
+        app,
+        raw,
+        unique,
+        dlq,
+        dedup_table,
+        store,
+        changes,
+        rejected,
+        coupons,
+        deltas,
+        orders_table,
+        balances_table,
+    )
+    eos = app.eos
+    for source, table in (
+        (raw, dedup_table),
+        (unique, orders_table),
+        (deltas, balances_table),
+    ):
+        eos.register_source(source.get_topic_name())
+        assert isinstance(table.data, TransactionalStore)
+        eos.register_store(source.get_topic_name(), table.data)
     app.agent(raw, name="dedup")(dedup.make_agent(topo))
+    app.agent(unique, name="orders")(orders.make_orders_agent(topo))
+    app.agent(deltas, name="balances")(orders.make_balances_agent(topo))
     web.install(topo)
     return topo

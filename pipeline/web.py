@@ -1,4 +1,16 @@
-"""Web views on the worker's Faust web server."""
+"""Web views on the worker's Faust web server.
+
+``/orders/{order_id}`` and ``/users/{user_id}/balance`` go through Faust's
+``table_route``: asked on any worker, the request is forwarded to the worker that owns
+the key's partition, which answers from its local store.
+
+How stale can an answer be? Views read committed state only (the RocksDB store, which
+:mod:`pipeline.eos` writes after each Kafka transaction commits), so an answer lags the
+events processed by at most one commit interval (``PIPELINE_COMMIT_INTERVAL_S``, 0.1 s
+by default) plus the time the key's partition spends in recovery after a rebalance, when
+the new owner answers from its standby copy as restored so far. It is never ahead of
+what ``read_committed`` consumers of the output topics can see.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +18,25 @@ from typing import TYPE_CHECKING, Any
 
 from faust.web import Request, Response, View
 
+from pipeline.models import MAX_ID_CHARS
+from tables.orders import Balance, Order
+
 if TYPE_CHECKING:
     from pipeline.topology import Topology
 
 
+def _bad_id(name: str, value: str) -> str | None:
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        return f"{name} must have 1 to {MAX_ID_CHARS} characters"
+    if any(ord(c) < 32 for c in value):
+        return f"{name} must not contain control characters"
+    return None
+
+
 def install(topo: Topology) -> None:
     app = topo.app
+    orders_table = topo.orders_table
+    balances_table = topo.balances_table
 
     @app.page("/stats")
     class StatsView(View):
@@ -20,3 +45,33 @@ def install(topo: Topology) -> None:
             body["commits"] = app.eos.commits
             body["processing_guarantee"] = topo.settings.processing_guarantee.value
             return self.json(body)
+
+    @app.page("/orders/{order_id}")
+    class OrderView(View):
+        # The ignores: Faust types the decorated method as taking the base View.
+        @app.table_route(table=orders_table, match_info="order_id")  # type: ignore[arg-type]
+        async def get(
+            self, request: Request, *args: Any, order_id: str = "", **kw: Any
+        ) -> Response:
+            error = _bad_id("order_id", order_id)
+            if error:
+                return self.json({"error": error}, status=400)
+            raw = orders_table.get(order_id.encode())
+            if raw is None:
+                return self.json({"error": "order not found", "order_id": order_id}, status=404)
+            return self.json(Order.decode(raw).to_json())
+
+    @app.page("/users/{user_id}/balance")
+    class BalanceView(View):
+        @app.table_route(table=balances_table, match_info="user_id")  # type: ignore[arg-type]
+        async def get(self, request: Request, *args: Any, user_id: str = "", **kw: Any) -> Response:
+            error = _bad_id("user_id", user_id)
+            if error:
+                return self.json({"error": error}, status=400)
+            raw = balances_table.get(user_id.encode())
+            if raw is None:
+                # A user with no paid order has a zero balance; say whether we know them.
+                return self.json(
+                    {"error": "no balance for this user", "user_id": user_id}, status=404
+                )
+            return self.json(Balance.decode(raw).to_json())

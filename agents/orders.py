@@ -1,0 +1,168 @@
+"""The order state machine agent and the per-user balance agent.
+
+``orders.unique`` -> ``orders`` table -> ``orders.changes`` / ``orders.rejected`` /
+``coupons.issued``, plus balance deltas keyed by ``user_id`` into the repartition topic;
+that topic -> ``users.balances`` table.
+
+Both hops are exactly-once through :mod:`pipeline.eos`: whatever an agent sends and
+writes while handling a record commits in the transaction of the record's *source*
+partition, together with that partition's offset. For the repartition hop that means a
+delta commits atomically with the order change that caused it (sender side) and the
+balance update commits atomically with the delta's offset (receiver side); stock Faust
+would route the delta's send by its *destination* partition instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pipeline.codecs import dlq_value
+from pipeline.models import BadInput, parse_event
+from tables.orders import (
+    Balance,
+    BalanceDelta,
+    Change,
+    Coupon,
+    Order,
+    Rejected,
+    apply_delta,
+    transition,
+)
+
+if TYPE_CHECKING:
+    from faust.types import StreamT
+
+    from pipeline.topology import Topology
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One record to send: ``kind`` names the output topic."""
+
+    kind: str  # "changes" | "rejected" | "coupons" | "deltas" | "dlq"
+    key: bytes
+    value: bytes
+
+
+@dataclass(slots=True)
+class OrderStep:
+    """What handling one ``orders.unique`` record does: a table write and the sends."""
+
+    key: bytes | None = None
+    order: bytes | None = None
+    sends: list[Send] = field(default_factory=list)
+
+
+def decide_order(
+    value: bytes | None,
+    key: bytes | None,
+    where: tuple[str, int, int],
+    lookup: Callable[[bytes], bytes | None],
+) -> OrderStep:
+    """The whole per-record decision of the state machine agent (pure)."""
+    parsed = parse_event(value, key)
+    if isinstance(parsed, BadInput):
+        # Cannot come from our dedup stage (it validated), but orders.unique is a topic
+        # others may write to: never stall on it.
+        topic, partition, offset = where
+        dlq = dlq_value(parsed.reason, topic, partition, offset, value)
+        return OrderStep(sends=[Send("dlq", key or b"", dlq)])
+    okey = parsed.order_id.encode()
+    raw = lookup(okey)
+    before = Order.decode(raw) if raw is not None else None
+    after, outputs = transition(before, parsed)
+    step = OrderStep()
+    rejected = bool(outputs) and isinstance(outputs[0], Rejected)
+    if not rejected and after != before:
+        step.key, step.order = okey, after.encode()
+    for out in outputs:
+        if isinstance(out, Change):
+            step.sends.append(Send("changes", okey, orjson.dumps(out.to_json())))
+        elif isinstance(out, Rejected):
+            step.sends.append(Send("rejected", okey, orjson.dumps(out.to_json())))
+        elif isinstance(out, Coupon):
+            step.sends.append(Send("coupons", okey, orjson.dumps(out.to_json())))
+        elif isinstance(out, BalanceDelta):
+            step.sends.append(Send("deltas", out.user_id.encode(), out.encode()))
+    return step
+
+
+def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+    table = topo.orders_table
+    topics = {
+        "changes": topo.changes,
+        "rejected": topo.rejected,
+        "coupons": topo.coupons,
+        "deltas": topo.deltas,
+        "dlq": topo.dlq,
+    }
+    stats = topo.app.stats
+    eos = topo.app.eos
+
+    async def orders(stream: StreamT) -> None:
+        async for value in eos.each(stream):
+            event = stream.current_event
+            assert event is not None
+            msg = event.message
+            step = decide_order(value, msg.key, (msg.topic, msg.partition, msg.offset), table.get)
+            if step.key is not None:
+                table[step.key] = step.order
+            for send in step.sends:
+                await topics[send.kind].send(key=send.key, value=send.value)
+                if send.kind == "changes":
+                    stats.changes += 1
+                elif send.kind == "rejected":
+                    stats.rejected += 1
+                elif send.kind == "coupons":
+                    stats.coupons += 1
+                elif send.kind == "dlq":
+                    stats.dlq += 1
+
+    return orders
+
+
+def decide_balance(
+    value: bytes | None,
+    where: tuple[str, int, int],
+    lookup: Callable[[bytes], bytes | None],
+) -> tuple[bytes, bytes] | Send:
+    """The balance agent's decision: the user key and new balance, or a dead letter."""
+    try:
+        if value is None:
+            raise ValueError("value is null")
+        delta = BalanceDelta.decode(value)
+    except (ValueError, KeyError, TypeError) as exc:
+        # An internal topic, but a foreign or corrupt record must not stall it either.
+        topic, partition, offset = where
+        return Send(
+            "dlq", b"", dlq_value(f"bad balance delta: {exc}", topic, partition, offset, value)
+        )
+    ukey = delta.user_id.encode()
+    raw = lookup(ukey)
+    before = Balance.decode(raw) if raw is not None else None
+    return ukey, apply_delta(before, delta).encode()
+
+
+def make_balances_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+    table = topo.balances_table
+    dlq = topo.dlq
+    stats = topo.app.stats
+    eos = topo.app.eos
+
+    async def balances(stream: StreamT) -> None:
+        async for value in eos.each(stream):
+            event = stream.current_event
+            assert event is not None
+            msg = event.message
+            result = decide_balance(value, (msg.topic, msg.partition, msg.offset), table.get)
+            if isinstance(result, Send):
+                await dlq.send(key=result.key, value=result.value)
+                stats.dlq += 1
+            else:
+                table[result[0]] = result[1]
+
+    return balances
