@@ -10,6 +10,11 @@ events processed by at most one commit interval (``PIPELINE_COMMIT_INTERVAL_S``,
 by default) plus the time the key's partition spends in recovery after a rebalance, when
 the new owner answers from its standby copy as restored so far. It is never ahead of
 what ``read_committed`` consumers of the output topics can see.
+
+While the worker is rebalancing (``"rebalancing": true`` in ``/stats``) views still
+answer, from the local copy, which may be behind: such answers carry the header
+``X-Pipeline-Stale: possibly``. A standby copy lags the active one by up to Faust's
+standby buffer (records not yet applied) until it is promoted and recovered.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ def _bad_id(name: str, value: str) -> str | None:
     return None
 
 
+def _answer(view: View, body: dict[str, Any]) -> Response:
+    response = view.json(body)
+    if view.app.rebalancing:
+        response.headers["X-Pipeline-Stale"] = "possibly"
+    return response
+
+
 def install(topo: Topology) -> None:
     app = topo.app
     orders_table = topo.orders_table
@@ -44,6 +56,12 @@ def install(topo: Topology) -> None:
             body: dict[str, Any] = dict(app.stats.as_dict())
             body["commits"] = app.eos.commits
             body["processing_guarantee"] = topo.settings.processing_guarantee.value
+            # Which source partitions this worker processes now (active, not standby).
+            owned: dict[str, list[int]] = {}
+            for tp in app.eos.partitions:
+                owned.setdefault(tp.topic, []).append(tp.partition)
+            body["partitions"] = {t: sorted(ps) for t, ps in sorted(owned.items())}
+            body["rebalancing"] = bool(app.rebalancing)
             return self.json(body)
 
     @app.page("/orders/{order_id}")
@@ -59,7 +77,7 @@ def install(topo: Topology) -> None:
             raw = orders_table.get(order_id.encode())
             if raw is None:
                 return self.json({"error": "order not found", "order_id": order_id}, status=404)
-            return self.json(Order.decode(raw).to_json())
+            return _answer(self, Order.decode(raw).to_json())
 
     @app.page("/users/{user_id}/balance")
     class BalanceView(View):
@@ -74,4 +92,4 @@ def install(topo: Topology) -> None:
                 return self.json(
                     {"error": "no balance for this user", "user_id": user_id}, status=404
                 )
-            return self.json(Balance.decode(raw).to_json())
+            return _answer(self, Balance.decode(raw).to_json())
