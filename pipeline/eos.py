@@ -237,13 +237,16 @@ class Coordinator:
                 handler.flush()
             os._exit(EXIT_INJECTED)
 
-    async def fail_point(self, step: Step, producer: AIOKafkaProducer) -> None:
+    async def fail_point(self, step: Step, producer: AIOKafkaProducer, tp: TP) -> None:
         """Test-only: ``PIPELINE_FAIL_AT=<step>`` aborts one transaction and raises there.
 
         Exactly one partition's commit fails (the first after ``crash_after`` have
-        passed the step), as when the broker times out one transaction.
+        passed the step), as when the broker times out one transaction;
+        ``PIPELINE_FAIL_TOPIC`` limits this to the partitions of one source topic.
         """
         if self.settings.fail_at != step.value:
+            return
+        if self.settings.fail_topic and tp.topic != self.settings.fail_topic:
             return
         self._fail_count += 1
         if self._fail_count == self.settings.crash_after + 1:
@@ -602,6 +605,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         #: source partitions this worker holds a transactional producer for
         self._held: set[TP] = set()
         self._commit_lock = asyncio.Lock()
+        self._commit_timer: asyncio.Future[None] | None = None
 
     # -- naming -------------------------------------------------------------------------
 
@@ -634,6 +638,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
         self.coordinator.assigned()
+        if self._commit_timer is None:
+            self._commit_timer = asyncio.ensure_future(self._commit_loop())
         keep = self._source_tps(assigned)
         # Release by what we hold, not by Faust's ``revoked``: a partition that moves
         # from active to standby here is still "assigned" to the consumer (Faust assigns
@@ -681,7 +687,25 @@ class ExactlyOnceTransactionManager(TransactionManager):
             except Exception as exc:  # pragma: no cover - best effort on a dead link
                 log.warning("stopping producer %s: %r", tid, exc)
 
+    async def _commit_loop(self) -> None:
+        """Commit on our own clock as well as Faust's.
+
+        Faust's timer calls :meth:`commit` only when its own ack tracking finds offsets
+        to commit, and that tracking stalls on the gaps that transaction markers and our
+        corrections of its delivery leave (seen: a stage behind a transactional topic
+        processed its last records but never committed them). Progress here is what
+        :class:`Coordinator` recorded, so this never commits anything Faust would not.
+        """
+        interval = float(self.app.conf.broker_commit_interval)
+        coord = self.coordinator
+        while True:
+            await asyncio.sleep(interval)
+            if coord.settled and any(st.has_progress for st in coord.partitions.values()):
+                await self.commit({})
+
     async def on_stop(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
         await self.coordinator.close()
         for tid, producer in list(self._producers.items()):
             try:
@@ -851,7 +875,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
                 )
 
             self._at(st, Step.COMMIT)  # 5. commit
-            await coord.fail_point(Step.COMMIT, producer)
+            await coord.fail_point(Step.COMMIT, producer, tp)
             await producer.commit_transaction()
             if offset is not None:
                 st.committed = offset

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     #: Test-only: name of a commit step that fails (the transaction is aborted and an
     #: error raised), as when the broker times a transaction out.
     fail_at: str | None = None
+    #: test-only: count (and fail) only commits of this source topic's partitions
+    fail_topic: str | None = None
     #: Test-only: crash (or fail) only after this many commits have passed the step.
     crash_after: int = 0
     #: Test-only: comma-separated names of our fixes of stock Faust EOS to turn off

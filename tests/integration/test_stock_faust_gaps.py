@@ -217,3 +217,36 @@ async def test_changelog_offsets_persisted(
         assert not lagging, f"persisted offsets lag the changelog: {lagging}"
     else:
         assert lagging, "expected stock behaviour to leave persisted offsets behind"
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "stock"])
+async def test_route_by_source_on_the_repartition_hop(
+    fixed: bool, settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """Keyed input, as producers should send it: the dedup and state-machine hops stay
+    on one partition number, but the balance deltas are keyed by user_id and go to other
+    partitions. One transaction of the state machine's input is aborted (injected, as a
+    broker timeout would): stock routing had put deltas of *other* partitions' events in
+    it (lost) and this partition's deltas in other, committed transactions (counted
+    again on replay). Balances are then wrong; with the fix they are exact.
+    """
+    count = 6000
+    assert await feed(settings, count, seed=5, dup_rate=0.2, bad_rate=0.0) == count
+    extra = {} if fixed else {"PIPELINE_DISABLE_FIX": "route-by-source"}
+    worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.05", **extra)
+    worker.start(
+        PIPELINE_FAIL_AT=Step.COMMIT.value,
+        PIPELINE_FAIL_TOPIC=settings.topic_unique,
+        PIPELINE_CRASH_AFTER="30",
+    )
+    code = await asyncio.to_thread(worker.wait_exit, 120)
+    assert code == EXIT_COMMIT_FAILED, worker.log_tail()
+    worker.start()
+    await wait_drained(settings, [worker], timeout=180)
+    worker.stop()
+    report = await reconcile(settings)
+    balances = next(c for c in report.checks if c.topic.endswith("users.balances-changelog"))
+    if fixed:
+        assert report.ok, report.render()
+    else:
+        assert not balances.ok, report.render()
