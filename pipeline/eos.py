@@ -209,6 +209,7 @@ class Coordinator:
         #: per partition, the committed-record offsets of the last range read
         self._known: dict[TP, KnownRecords] = {}
         self._settling: asyncio.Future[None] | None = None
+        self._reseek_task: asyncio.Future[None] | None = None
         self.commit_seconds: list[float] = []
 
     def fix(self, name: str) -> bool:
@@ -323,6 +324,14 @@ class Coordinator:
         if self._liveness_task is None or self._liveness_task.done():
             self._liveness_task = asyncio.ensure_future(self._liveness())
         self.settled = True
+        # Records delivered before this point were skipped (see _epoch): fetch every
+        # partition again from where processing continues, rather than wait for a later
+        # delivery to reveal the gap (or for the liveness check, if none comes).
+        targets = {tp: st.expected for tp, st in self.partitions.items() if st.expected is not None}
+        if targets and self.seek_wait is not None:
+            for tp, offset in targets.items():
+                self._keep_read_offset(tp, offset)
+            self._reseek_task = asyncio.ensure_future(self._seek_quietly(targets))
         log.info(
             "settled: processing resumes at %s",
             {f"{tp.topic}[{tp.partition}]": st.expected for tp, st in self.partitions.items()}
@@ -388,6 +397,14 @@ class Coordinator:
                 end, begin = int(ends[ktp]), int(begins[ktp])
                 out[TP(ktp.topic, ktp.partition)] = await last_record_end(consumer, ktp, begin, end)
         return out
+
+    async def _seek_quietly(self, targets: Mapping[TP, int]) -> None:
+        if self.seek_wait is None:
+            return
+        try:
+            await asyncio.wait_for(self.seek_wait(targets), 10.0)
+        except Exception as exc:  # revoked meanwhile: the next settle seeks again
+            log.info("seek after settling failed: %r", exc)
 
     def delivered(self, st: PartitionState) -> None:
         st.last_delivery = asyncio.get_running_loop().time()
@@ -462,16 +479,17 @@ class Coordinator:
             await self._checker.stop()
             self._checker = None
 
-    async def _wait_settled(self) -> int | None:
-        """The assignment epoch to process in, once settled; ``None`` if superseded."""
-        if not self.settled:
-            epoch = self.unsettled_count
-            # Polled, not an asyncio.Event: unsettle() runs on Faust's consumer thread.
-            while not self.settled and epoch == self.unsettled_count:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            if epoch != self.unsettled_count:
-                return None
-        return self.unsettled_count
+    def _epoch(self) -> int | None:
+        """The assignment epoch to process in; ``None`` (skip the event) if unsettled.
+
+        An event delivered before the recovery of the current assignment ended is not
+        held back but skipped: holding it would keep it unacknowledged, and Faust's
+        revoke handler waits for every delivered event to be acknowledged before the
+        rebalance can go on (a deadlock, seen with three agents). A skipped record is not
+        lost: once settled, the first delivery above the committed offset shows the gap
+        and :meth:`_admit` seeks back to it.
+        """
+        return self.unsettled_count if self.settled else None
 
     def _current(self, tp: TP, st: PartitionState, epoch: int) -> bool:
         """Still the same assignment as when the event was admitted?"""
@@ -487,8 +505,7 @@ class Coordinator:
         drops the records the seek fetched again. Processing must instead continue from
         the committed offset, record by record:
 
-        * before the recovery ends, an event waits (or is dropped if another rebalance
-          starts, as Faust drops its queued events then);
+        * before the recovery ends, an event is skipped (see :meth:`_epoch`);
         * an event below the next expected offset is a stale copy: skipped;
         * an event above it is accepted only if no committed record lies in between
           (transaction markers and aborted records take offsets too); otherwise the
@@ -522,6 +539,10 @@ class Coordinator:
         if not self._current(tp, st, epoch):
             self.skipped += 1
             return False
+        if st.hole is not None or offset == expected:
+            read = self.read_offsets
+            if isinstance(read, PinnedReadOffsets):
+                read.unpin(tp)  # the record we seeked back for has come
         st.hole = None
         st.expected = offset + 1
         return True
@@ -573,7 +594,7 @@ class Coordinator:
         async for value in stream:
             event = stream.current_event
             assert event is not None
-            epoch = await self._wait_settled()
+            epoch = self._epoch()
             tp = event.message.tp
             st = self.partitions.get(tp)
             if epoch is None or st is None:
