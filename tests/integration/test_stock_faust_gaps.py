@@ -89,7 +89,7 @@ async def test_gap_commit_overlaps_processing_without_quiesce(
 async def test_no_send_refused_with_quiesce(
     settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
-    count = 20_000
+    count = 8_000
     assert await feed(settings, count, seed=9, dup_rate=0.1, bad_rate=0.0) == count
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.02")
     worker.start()
