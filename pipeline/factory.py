@@ -56,8 +56,7 @@ class PipelineApp(faust.App):
         # is when processing may start; see Coordinator.recovered.
         super().on_rebalance_end()
         if self.settings.exactly_once:
-            committed = dict(self.consumer._committed_offset)  # type: ignore[attr-defined]
-            self.eos.recovered(committed)
+            self.eos.recovered()
 
     async def on_first_start(self) -> None:
         # Source and output topics are declared here, before the consumer subscribes,
