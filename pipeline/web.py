@@ -64,6 +64,15 @@ def install(topo: Topology) -> None:
             body["rebalancing"] = bool(app.rebalancing)
             return self.json(body)
 
+    from pipeline.metrics import CONTENT_TYPE, registry_for, render
+
+    registry = registry_for(app)
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(render(registry), content_type=CONTENT_TYPE)
+
     @app.page("/orders/{order_id}")
     class OrderView(View):
         # The ignores: Faust types the decorated method as taking the base View.

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
@@ -125,3 +126,19 @@ async def test_full_chain_two_workers_killed_repeatedly(
         assert status == 400 and "order_id" in body["error"]
         status, body = await _get(session, f"http://127.0.0.1:{b.web_port}/users/nobody/balance")
         assert status == 404
+
+        # /metrics: Prometheus text with the same counters as /stats.
+        for w in workers:
+            st = w.stats()
+            assert st is not None
+            async with session.get(f"http://127.0.0.1:{w.web_port}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            values = {
+                s.name: s.value
+                for fam in text_string_to_metric_families(text)
+                for s in fam.samples
+                if not s.labels
+            }
+            assert values["pipeline_events_seen_total"] == st["seen"]
+            assert values["pipeline_order_changes_total"] == st["changes"]
