@@ -188,31 +188,11 @@ async def reconcile(settings: Settings) -> Report:
             uc.mismatched += 1
             uc.note(f"event {eid.decode()} keyed {m.key!r}, not by its order_id")
         actual_order[order].append(eid)
-    for order in expected_order.keys() | actual_order.keys():
-        want = expected_order.get(order, [])
-        got = actual_order.get(order, [])
-        if want == got:
-            continue
-        want_n, got_n = Counter(want), Counter(got)
-        for eid in want_n.keys() | got_n.keys():
-            extra = got_n[eid] - want_n[eid]
-            if extra > 0 and want_n[eid] == 0:
-                uc.unexpected += extra
-                uc.note(f"unexpected event_id {eid.decode()} ({extra}x)")
-            elif extra > 0:
-                uc.duplicates += extra
-                uc.note(
-                    f"duplicate event_id {eid.decode()} ({got_n[eid]}x, expected {want_n[eid]}x)"
-                )
-            elif extra < 0:
-                uc.missing += -extra
-                uc.note(f"missing event_id {eid.decode()}")
-        if want_n == got_n:
-            uc.out_of_order += 1
-            uc.note(
-                f"order {order.decode()}: events in order {[e.decode() for e in got]}, "
-                f"expected {[e.decode() for e in want]}"
-            )
+    _diff_sequences(
+        uc,
+        {k.decode(): [e.decode() for e in v] for k, v in expected_order.items()},
+        {k.decode(): [e.decode() for e in v] for k, v in actual_order.items()},
+    )
     report.checks.append(uc)
 
     # -- orders.dlq ---------------------------------------------------------------------
@@ -358,7 +338,7 @@ def _diff_sequences(
                 check.note(f"{key}: missing {item}")
         if wn == gn:
             check.out_of_order += 1
-            check.note(f"{key}: out of order")
+            check.note(f"{key}: out of order: {g[:6]}, expected {w[:6]}")
 
 
 async def _diff_table(
