@@ -30,6 +30,7 @@ from tables.orders import (
     Order,
     Rejected,
     apply_delta,
+    to_store,
     transition,
 )
 
@@ -76,9 +77,9 @@ def decide_order(
     before = Order.decode(raw) if raw is not None else None
     after, outputs = transition(before, parsed)
     step = OrderStep()
-    rejected = bool(outputs) and isinstance(outputs[0], Rejected)
-    if not rejected and after != before:
-        step.key, step.order = okey, after.encode()
+    row = to_store(before, after, outputs)
+    if row is not None:
+        step.key, step.order = okey, row.encode()
     for out in outputs:
         if isinstance(out, Change):
             step.sends.append(Send("changes", okey, orjson.dumps(out.to_json())))

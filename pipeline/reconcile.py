@@ -40,6 +40,7 @@ from tables.orders import (
     Order,
     Rejected,
     apply_delta,
+    to_store,
     transition,
 )
 
@@ -302,9 +303,9 @@ def _replay(
     want: dict[str, dict[str, list[Any]]],
 ) -> None:
     after, outputs = transition(orders.get(event.order_id), event)
-    rejected = bool(outputs) and isinstance(outputs[0], Rejected)
-    if not rejected and after != orders.get(event.order_id):
-        orders[event.order_id] = after
+    row = to_store(orders.get(event.order_id), after, outputs)
+    if row is not None:
+        orders[event.order_id] = row
     for out in outputs:
         if isinstance(out, Change):
             want["changes"][out.order_id].append(_SEQUENCES["changes"](out.to_json()))

@@ -259,6 +259,17 @@ def transition(order: Order | None, event: OrderEvent) -> tuple[Order, list[Outp
     return new, [change]
 
 
+def to_store(before: Order | None, after: Order, outputs: list[Output]) -> Order | None:
+    """The row to write after ``transition``, or ``None`` when nothing changed.
+
+    A rejection never writes, not even the blank NEW order ``transition`` returns for an
+    order that was never created.
+    """
+    if outputs and isinstance(outputs[0], Rejected):
+        return None
+    return after if after != before else None
+
+
 @dataclass(frozen=True, slots=True)
 class Balance:
     user_id: str
