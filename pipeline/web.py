@@ -19,6 +19,7 @@ standby buffer (records not yet applied) until it is promoted and recovered.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 from faust.web import Request, Response, View
@@ -50,10 +51,19 @@ def install(topo: Topology) -> None:
     orders_table = topo.orders_table
     balances_table = topo.balances_table
 
+    # Read once at start: the page is static, its script polls /stats.
+    dashboard = files("pipeline").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    @app.page("/")
+    class DashboardView(View):
+        async def get(self, request: Request) -> Response:
+            return self.html(dashboard)
+
     @app.page("/stats")
     class StatsView(View):
         async def get(self, request: Request) -> Response:
             body: dict[str, Any] = dict(app.stats.as_dict())
+            body["app_id"] = topo.settings.app_id
             body["commits"] = app.eos.commits
             body["processing_guarantee"] = topo.settings.processing_guarantee.value
             # Which source partitions this worker processes now (active, not standby).

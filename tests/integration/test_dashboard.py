@@ -1,0 +1,139 @@
+"""The dashboard at ``GET /``, driven in headless Chromium (Debian's, through Playwright)
+against a real worker on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from pipeline.settings import Settings
+
+from .harness import Worker, feed, settings_from, wait_drained
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("PIPELINE_TEST_CHROMIUM", "/usr/bin/chromium")
+# The machine has no outside network: without these, Chromium keeps trying Google's
+# services at start. The sandbox needs user namespaces that CI (as root) lacks.
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 (once per test, before any I/O)
+        pytest.fail(f"{CHROMIUM} missing: scripts/setup installs Debian's chromium")
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+async def _counter(page: Page, key: str) -> int:
+    text = await page.locator(f'[data-counter="{key}"]').inner_text()
+    return int(text.replace(",", ""))
+
+
+async def test_dashboard_shows_live_counters_and_looks_up_state(
+    env: dict[str, str],
+    settings: Settings,
+    make_worker: Callable[..., Worker],
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    s = settings_from(env)
+    count = 1500
+    await feed(s, count, seed=5, dup_rate=0.3, bad_rate=0.02, illegal_rate=0.05)
+    worker = make_worker()
+    worker.start()
+    await wait_drained(s, [worker], timeout=150)
+    stats = worker.stats()
+    assert stats is not None and stats["seen"] == count
+
+    # An order that exists, and one user's balance, as the JSON views give them.
+    status, order = await asyncio.to_thread(_get, f"http://127.0.0.1:{worker.web_port}/orders/o1")
+    assert status == 200, order
+
+    page = await browser.new_page()
+    base = f"http://127.0.0.1:{worker.web_port}"
+    await page.goto(base + "/")
+    await expect(page).to_have_title("eos-pipeline worker")
+    # The page polls /stats: the counters reach the worker's numbers.
+    await expect(page.locator('[data-counter="seen"]')).to_have_text(f"{count:,}", timeout=10_000)
+    for key in ("unique", "duplicates_dropped", "dlq", "changes", "rejected", "coupons"):
+        want = int(stats[key])  # type: ignore[call-overload]
+        assert want > 0, (key, stats)
+        assert await _counter(page, key) == want, key
+    await expect(page.locator("#guarantee")).to_have_text("exactly_once")
+    await expect(page.locator("#state")).to_have_text("running")
+    await expect(page.locator("#app")).to_have_text(s.app_id)
+    # Every raw partition is processed by this single worker.
+    raw_row = page.locator("#partitions tr", has_text=s.topic_raw)
+    await expect(raw_row).to_have_text(
+        f"{s.topic_raw}{', '.join(str(p) for p in range(s.partitions))}"
+    )
+    # Traffic while the page is open moves the counters and the throughput chart.
+    await expect(page.locator("#chart-scale")).to_have_text("peak 0 events/s")
+    await feed(s, 1000, seed=6, dup_rate=0.3, bad_rate=0.0, prefix="q")
+    await expect(page.locator('[data-counter="seen"]')).to_have_text(
+        f"{count + 1000:,}", timeout=60_000
+    )
+    await expect(page.locator("#chart-scale")).not_to_have_text("peak 0 events/s")
+    peak = await page.locator("#chart-scale").inner_text()
+    assert int(peak.split()[1]) > 0, peak
+    await expect(page.locator("#line")).to_have_attribute("points", re.compile(r"\d+,\d"))
+
+    # Lookups go through the views; the page shows their status and body.
+    await page.fill("#order-id", "o1")
+    await page.click("#order-form button")
+    await expect(page.locator("#order-out")).to_contain_text('"order_id": "o1"')
+    shown = await page.locator("#order-out").inner_text()
+    assert shown.startswith("200"), shown
+    assert json.loads(shown.split("\n", 1)[1]) == order
+
+    await page.fill("#order-id", "no-such-order")
+    await page.click("#order-form button")
+    await expect(page.locator("#order-out")).to_contain_text("order not found")
+    assert (await page.locator("#order-out").inner_text()).startswith("404")
+
+    user = order["user_id"]
+    status, balance = await asyncio.to_thread(_get, f"{base}/users/{user}/balance")
+    await page.fill("#user-id", user)
+    await page.click("#user-form button")
+    await expect(page.locator("#user-out")).to_contain_text(f'"user_id": "{user}"')
+    shown = await page.locator("#user-out").inner_text()
+    assert shown.startswith(str(status)), shown
+    assert json.loads(shown.split("\n", 1)[1]) == balance
+    await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+    # A worker that goes away is reported, not shown as frozen numbers.
+    worker.kill9()
+    await expect(page.locator("#updated")).to_contain_text("worker unreachable", timeout=10_000)
+    await page.close()
