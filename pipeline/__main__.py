@@ -12,7 +12,6 @@ import orjson
 from pipeline.settings import Settings
 
 NOT_YET = {
-    "chaos": "kills and restarts workers while traffic flows, then reconciles (issue #4)",
     "sink": "the exactly-once database sink (issue #5)",
     "outbox-relay": "publishes a database outbox (issue #5)",
 }
@@ -120,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="runs per system; median reported (3)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=_bench)
+
+    from pipeline import chaos
+
+    chaos.add_parser(sub)
 
     for name, text in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet available) {text}")

@@ -38,6 +38,17 @@ async def ensure_topics(
                         ]
                     )
                 log.info("created topics %s", missing)
+                # Creation returns before every broker's metadata lists the topics. A
+                # consumer group leader that computes an assignment from metadata
+                # without them leaves their partitions out (aiokafka only logs "Ignoring
+                # missing topic") until its metadata is next refreshed, minutes later.
+                for _ in range(50):
+                    listed = set(await admin.list_topics())
+                    if all(n in listed for n in missing):
+                        break
+                    await asyncio.sleep(0.2)
+                else:
+                    raise RuntimeError(f"created topics not listed after 10 s: {missing}")
             return
         except KafkaConnectionError:
             if attempt == attempts - 1:

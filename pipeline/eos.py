@@ -699,6 +699,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         if self._commit_timer is None:
             self._commit_timer = asyncio.ensure_future(self._commit_loop())
         keep = self._source_tps(assigned)
+        self._check_state_assigned(keep, assigned)
         # Release by what we hold, not by Faust's ``revoked``: a partition that moves
         # from active to standby here is still "assigned" to the consumer (Faust assigns
         # standby source partitions, paused), so it is in neither set. Keeping its
@@ -709,6 +710,26 @@ class ExactlyOnceTransactionManager(TransactionManager):
         for tp in sorted(keep):
             if self.transactional_id(tp) not in self._producers:
                 await self._acquire(tp)
+
+    def _check_state_assigned(self, keep: set[TP], assigned: set[TP]) -> None:
+        """Every processed partition's table state must be recovered with it.
+
+        A source partition comes with the same partition of each of its tables'
+        changelogs, as an active assignment, or Faust neither restores nor maintains
+        that state, and processing would start from an empty table. That happened when
+        the group leader's metadata did not list a changelog topic yet (the app now
+        creates changelogs before subscribing). Should it happen again, a restart, with
+        fresh metadata, is the only safe move: never process without the state.
+        """
+        assignor = self.app.assignor
+        for tp in sorted(keep):
+            for store in self.coordinator.stores.get(tp.topic, ()):
+                changelog = TP(store.changelog_topic_name, tp.partition)
+                if changelog not in assigned or assignor.is_standby(changelog):
+                    fatal(
+                        f"{tp} is assigned without its table state {changelog}",
+                        RuntimeError("changelog partition not actively assigned"),
+                    )
 
     async def _acquire(self, tp: TP) -> None:
         tid = self.transactional_id(tp)
@@ -1033,6 +1054,15 @@ class SettlingConsumer(AiokafkaConsumer):
         # ends at the last committed record, which recovery does receive. -1 keeps the
         # shortcut from ever firing.
         return -1
+
+    async def seek_wait(self, partitions: Mapping[TP, int | None]) -> None:
+        # Faust's recovery registers a standby changelog partition with offset None and
+        # fills the offset in only in its first pass; when a rebalance restarts the
+        # recovery at the wrong moment (seen right after a broker restart), it seeks the
+        # standby to None and aiokafka's "Offset must be a positive integer" crashes the
+        # worker. No known offset means nothing of the partition is stored: read it from
+        # its start, which is what Faust does for -1.
+        await super().seek_wait({tp: 0 if o is None else o for tp, o in partitions.items()})
 
     async def perform_seek(self) -> None:
         # Processing starts when the app's recovery ends (Coordinator.recovered), not

@@ -78,7 +78,7 @@ async def produce(
     return n
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     parts = consumer.partitions_for_topic(topic)
     if parts is None:
         # A consumer without subscriptions has no metadata for the topic yet.
@@ -96,7 +96,7 @@ async def end_offsets(bootstrap: str, topic: str, *, committed: bool = True) -> 
     )
     await consumer.start()
     try:
-        parts = await _partitions(consumer, topic)
+        parts = await partitions_of(consumer, topic)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         ends = await consumer.end_offsets(tps) if tps else {}
         return {tp.partition: off for tp, off in ends.items()}
@@ -121,7 +121,7 @@ async def read_topic(
     await consumer.start()
     try:
         if until is None:
-            parts = await _partitions(consumer, topic)
+            parts = await partitions_of(consumer, topic)
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             ends = await consumer.end_offsets(tps) if tps else {}
             until = {tp.partition: off for tp, off in ends.items()}
@@ -153,7 +153,7 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
     )
     await consumer.start()
     try:
-        parts = await _partitions(consumer, topic)
+        parts = await partitions_of(consumer, topic)
         out: dict[int, int | None] = {}
         for p in sorted(parts):
             out[p] = await consumer.committed(TopicPartition(topic, p))
@@ -202,7 +202,7 @@ async def record_ends(bootstrap: str, topic: str) -> dict[int, int]:
     )
     await consumer.start()
     try:
-        parts = await _partitions(consumer, topic)
+        parts = await partitions_of(consumer, topic)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         if not tps:
             return {}

@@ -29,6 +29,24 @@ def settings_from(env: dict[str, str]) -> Settings:
     return Settings(**keys)  # type: ignore[arg-type]
 
 
+def namespaced_env(app_id: str, broker: str, datadir: Path, **extra: str) -> dict[str, str]:
+    """PIPELINE_* variables for a run of its own: every topic, the group and the tables
+    carry ``app_id``, so tests and chaos runs never touch each other's (or a user's) data."""
+    env = {
+        "PIPELINE_BROKER": broker,
+        "PIPELINE_APP_ID": app_id,
+        "PIPELINE_TOPIC_RAW": f"{app_id}.orders.raw",
+        "PIPELINE_TOPIC_UNIQUE": f"{app_id}.orders.unique",
+        "PIPELINE_TOPIC_DLQ": f"{app_id}.orders.dlq",
+        "PIPELINE_TOPIC_CHANGES": f"{app_id}.orders.changes",
+        "PIPELINE_TOPIC_REJECTED": f"{app_id}.orders.rejected",
+        "PIPELINE_TOPIC_COUPONS": f"{app_id}.coupons.issued",
+        "PIPELINE_DATADIR": str(datadir),
+    }
+    env.update(extra)
+    return env
+
+
 @dataclass
 class Worker:
     """One ``faust -A pipeline.app worker`` process with its own env and log file."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.generate import generate
 from pipeline.kafka_io import produce
-from pipeline.procs import Worker, progress, settings_from, wait_drained
+from pipeline.procs import Worker, namespaced_env, progress, settings_from, wait_drained
 from pipeline.settings import Settings
 
 __all__ = [
@@ -36,19 +36,6 @@ def broker_url() -> str:
 
 def unique_env(tmp: Path, **extra: str) -> dict[str, str]:
     """PIPELINE_* variables for one test: its own topics, group and data directory."""
-    tag = uuid.uuid4().hex[:10]
-    env = {
-        "PIPELINE_BROKER": broker_url(),
-        "PIPELINE_APP_ID": f"t-{tag}",
-        "PIPELINE_TOPIC_RAW": f"t-{tag}.orders.raw",
-        "PIPELINE_TOPIC_UNIQUE": f"t-{tag}.orders.unique",
-        "PIPELINE_TOPIC_DLQ": f"t-{tag}.orders.dlq",
-        "PIPELINE_TOPIC_CHANGES": f"t-{tag}.orders.changes",
-        "PIPELINE_TOPIC_REJECTED": f"t-{tag}.orders.rejected",
-        "PIPELINE_TOPIC_COUPONS": f"t-{tag}.coupons.issued",
-        # The broker's minimum: a kill -9'd worker's partitions move on quickly.
-        "PIPELINE_SESSION_TIMEOUT_S": "6",
-        "PIPELINE_DATADIR": str(tmp / "w0"),
-    }
-    env.update(extra)
-    return env
+    # The broker's minimum session timeout: a kill -9'd worker's partitions move on quickly.
+    extra = {"PIPELINE_SESSION_TIMEOUT_S": "6", **extra}
+    return namespaced_env(f"t-{uuid.uuid4().hex[:10]}", broker_url(), tmp / "w0", **extra)

@@ -1,0 +1,155 @@
+"""The chaos harness's pure parts: the seeded schedule and the live duplicate watch."""
+
+from __future__ import annotations
+
+import argparse
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.chaos import (
+    BROKER,
+    KILL,
+    KILL_REBALANCING,
+    SCALE_DOWN,
+    SCALE_UP,
+    STOP,
+    DuplicateWatch,
+    Plan,
+    kinds_of,
+    plan_from,
+    schedule,
+)
+from pipeline.settings import Settings
+
+PLAN = Plan(
+    seed=42,
+    events=20_000,
+    workers=3,
+    duration_s=90,
+    kills=6,
+    stops=1,
+    broker_restarts=1,
+    scale_changes=2,
+)
+
+
+def test_schedule_is_a_function_of_the_seed() -> None:
+    assert schedule(PLAN) == schedule(PLAN)
+    other = Plan(**{**PLAN.__dict__, "seed": 43})
+    assert [f.at_s for f in schedule(other)] != [f.at_s for f in schedule(PLAN)]
+
+
+def test_schedule_has_every_fault_of_the_plan() -> None:
+    kinds = kinds_of(schedule(PLAN))
+    assert kinds == {
+        KILL: 4,
+        KILL_REBALANCING: 2,
+        STOP: 1,
+        BROKER: 1,
+        SCALE_UP: 1,
+        SCALE_DOWN: 1,
+    }
+
+
+plans = st.builds(
+    Plan,
+    seed=st.integers(0, 2**31),
+    events=st.just(1000),
+    workers=st.integers(1, 5),
+    duration_s=st.floats(10, 3600),
+    kills=st.integers(0, 30),
+    stops=st.integers(0, 5),
+    broker_restarts=st.integers(0, 5),
+    scale_changes=st.integers(0, 6),
+)
+
+
+@settings(max_examples=200)
+@given(plans)
+def test_schedule_properties(plan: Plan) -> None:
+    faults = schedule(plan)
+    kinds = kinds_of(faults)
+    assert kinds.get(KILL, 0) + kinds.get(KILL_REBALANCING, 0) == plan.kills
+    assert kinds.get(STOP, 0) == plan.stops
+    assert kinds.get(BROKER, 0) == plan.broker_restarts
+    assert kinds.get(SCALE_UP, 0) + kinds.get(SCALE_DOWN, 0) == plan.scale_changes
+    # Scaling alternates up and down, so the group ends near its planned size.
+    assert 0 <= kinds.get(SCALE_UP, 0) - kinds.get(SCALE_DOWN, 0) <= 1
+    assert [f.at_s for f in faults] == sorted(f.at_s for f in faults)
+    others = [f for f in faults if f.kind != KILL_REBALANCING]
+    for f in faults:
+        assert 0 <= f.at_s <= plan.duration_s * 0.8 + 3.05
+        if f.kind == KILL_REBALANCING and others:
+            # Right after another fault, while the rebalance it started is likely on.
+            assert any(0.95 <= f.at_s - o.at_s <= 3.05 for o in others), (f, faults)
+
+
+def _args(**over: object) -> argparse.Namespace:
+    base: dict[str, object] = dict(
+        seed=7,
+        events=100,
+        workers=3,
+        duration=60.0,
+        kills=6,
+        stops=1,
+        broker_restarts=1,
+        scale_changes=2,
+        faults=None,
+    )
+    base.update(over)
+    return argparse.Namespace(**base)
+
+
+def test_plan_from_counts_and_total() -> None:
+    assert plan_from(_args()) == Plan(7, 100, 3, 60.0, 6, 1, 1, 2)
+    total = plan_from(_args(faults=30))
+    assert total.kills + total.stops + total.broker_restarts + total.scale_changes == 30
+    assert plan_from(_args(faults=30)) == total
+    # No broker faults asked for: a total never brings them back.
+    assert plan_from(_args(faults=30, broker_restarts=0)).broker_restarts == 0
+
+
+def test_plan_without_seed_draws_one_and_prints_it() -> None:
+    a, b = plan_from(_args(seed=None)), plan_from(_args(seed=None))
+    assert isinstance(a.seed, int) and a.seed != b.seed
+
+
+def _watch() -> tuple[DuplicateWatch, Settings]:
+    s = Settings(app_id="t")
+    return DuplicateWatch(s), s
+
+
+def test_watch_flags_the_second_copy_only() -> None:
+    watch, s = _watch()
+    v = orjson.dumps({"event_id": "e1", "order_id": "o1"})
+    assert watch.add(s.topic_unique, 0, 0, v) is False
+    assert watch.add(s.topic_unique, 3, 9, v) is True
+    assert watch.duplicates == [(s.topic_unique, ("e1",))]
+    # The same event on another topic is its own record there.
+    assert watch.add(s.topic_changes, 0, 0, v) is False
+    assert watch.count(s.topic_unique) == 1
+
+
+def test_watch_identities_per_topic() -> None:
+    watch, s = _watch()
+    coupon = {"coupon_id": "cpn-1", "order_id": "o1", "user_id": "u", "amount_cents": 1}
+    assert not watch.add(s.topic_coupons, 0, 0, orjson.dumps(coupon))
+    assert watch.add(s.topic_coupons, 0, 1, orjson.dumps({**coupon, "amount_cents": 2}))
+    dead = {"reason": "x", "topic": "orders.raw", "partition": 1, "offset": 5, "raw": "?"}
+    assert not watch.add(s.topic_dlq, 0, 0, orjson.dumps(dead))
+    assert not watch.add(s.topic_dlq, 0, 1, orjson.dumps({**dead, "offset": 6}))
+    assert watch.add(s.topic_dlq, 0, 2, orjson.dumps(dead))
+
+
+def test_watch_counts_unreadable_records_without_failing() -> None:
+    watch, s = _watch()
+    assert watch.add(s.topic_unique, 2, 7, b"not json") is False
+    assert watch.add(s.topic_unique, 2, 8, None) is False
+    assert watch.add(s.topic_unique, 2, 9, orjson.dumps({"no": "id"})) is False
+    assert watch.unreadable == [
+        (s.topic_unique, 2, 7),
+        (s.topic_unique, 2, 8),
+        (s.topic_unique, 2, 9),
+    ]
