@@ -49,7 +49,7 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.reconcile import reconcile
 
-    report = asyncio.run(reconcile(settings))
+    report = asyncio.run(reconcile(settings, progress=sys.stderr.isatty()))
     if args.json:
         sys.stdout.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

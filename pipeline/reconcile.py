@@ -20,16 +20,17 @@ tables of the worker), and diffs the result against what the output topics hold:
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from agents.dedup import DeadLetter, Drop, Forward, decide_record
-from pipeline.kafka_io import end_offsets, read_topic
+from pipeline.kafka_io import Msg, end_offsets, read_topic
 from pipeline.models import OrderEvent, parse_event
 from pipeline.settings import Settings
 from tables.orders import (
@@ -137,8 +138,44 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def reconcile(settings: Settings) -> Report:
+class _Progress:
+    """A progress bar on stderr, per topic read, when asked for (on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    async def read(self, bootstrap: str, topic: str) -> AsyncIterator[Msg]:
+        if not self.enabled:
+            async for m in read_topic(bootstrap, topic):
+                yield m
+            return
+        # Offsets count transaction markers too: the bar ends a little short of 100%.
+        total = sum((await end_offsets(bootstrap, topic, committed=True)).values())
+        n, drawn = 0, 0.0
+        async for m in read_topic(bootstrap, topic):
+            n += 1
+            if n & 1023 == 0 and time.monotonic() - drawn > 0.2:
+                drawn = time.monotonic()
+                self._draw(topic, n, total)
+            yield m
+        self._draw(topic, n, total)
+        sys.stderr.write("\n")
+
+    @staticmethod
+    def _draw(topic: str, n: int, total: int) -> None:
+        share = min(n / total, 1.0) if total else 1.0
+        bar = "#" * round(share * 30)
+        sys.stderr.write(f"\r[{bar:<30}] {share:4.0%} {topic} {n:,}/{total:,}")
+        sys.stderr.flush()
+
+
+async def reconcile(settings: Settings, *, progress: bool = False) -> Report:
+    """Rebuild the expected outputs and tables from the input and diff the actual ones.
+
+    ``progress`` draws a bar on stderr while each topic is read.
+    """
     started = time.monotonic()
+    bar = _Progress(progress)
     bootstrap = settings.bootstrap_servers
     report = Report()
 
@@ -154,7 +191,7 @@ async def reconcile(settings: Settings) -> Report:
     balances: dict[str, Balance] = {}
     wanted: dict[str, dict[str, list[Any]]] = {k: defaultdict(list) for k in _SEQUENCES}
     raw_topic = settings.topic_raw
-    async for m in read_topic(bootstrap, raw_topic):
+    async for m in bar.read(bootstrap, raw_topic):
         report.input_records += 1
         state = seen[m.partition]
         action = decide_record(
@@ -175,7 +212,7 @@ async def reconcile(settings: Settings) -> Report:
     # -- orders.unique ------------------------------------------------------------------
     uc = TopicCheck(settings.topic_unique, expected=sum(len(v) for v in expected_order.values()))
     actual_order: dict[bytes, list[bytes]] = defaultdict(list)
-    async for m in read_topic(bootstrap, settings.topic_unique):
+    async for m in bar.read(bootstrap, settings.topic_unique):
         uc.actual += 1
         try:
             doc = orjson.loads(m.value or b"")
@@ -199,7 +236,7 @@ async def reconcile(settings: Settings) -> Report:
     # -- orders.dlq ---------------------------------------------------------------------
     dc = TopicCheck(settings.topic_dlq, expected=len(expected_dlq))
     seen_dlq: set[tuple[int, int]] = set()
-    async for m in read_topic(bootstrap, settings.topic_dlq):
+    async for m in bar.read(bootstrap, settings.topic_dlq):
         dc.actual += 1
         try:
             doc = orjson.loads(m.value or b"")
@@ -237,7 +274,7 @@ async def reconcile(settings: Settings) -> Report:
     for kind, topic in topics.items():
         produced: dict[str, list[Any]] = defaultdict(list)
         check = TopicCheck(topic, expected=sum(len(v) for v in wanted[kind].values()))
-        async for m in read_topic(bootstrap, topic):
+        async for m in bar.read(bootstrap, topic):
             check.actual += 1
             try:
                 doc = orjson.loads(m.value or b"")
@@ -251,6 +288,7 @@ async def reconcile(settings: Settings) -> Report:
     # -- the tables, from their changelogs ------------------------------------------------
     report.checks.append(
         await _diff_table(
+            bar,
             bootstrap,
             f"{settings.app_id}-orders-changelog",
             {k.encode(): v.to_json() for k, v in orders.items()},
@@ -259,6 +297,7 @@ async def reconcile(settings: Settings) -> Report:
     )
     report.checks.append(
         await _diff_table(
+            bar,
             bootstrap,
             f"{settings.app_id}-users.balances-changelog",
             {k.encode(): v.to_json() for k, v in balances.items()},
@@ -343,6 +382,7 @@ def _diff_sequences(
 
 
 async def _diff_table(
+    bar: _Progress,
     bootstrap: str,
     changelog: str,
     want: dict[bytes, dict[str, Any]],
@@ -351,7 +391,7 @@ async def _diff_table(
     """The table's committed state (last value per key in its changelog) vs expected."""
     check = TopicCheck(changelog, expected=len(want))
     got: dict[bytes, dict[str, Any] | None] = {}
-    async for m in read_topic(bootstrap, changelog):
+    async for m in bar.read(bootstrap, changelog):
         if m.key is None:
             continue
         got[m.key] = decode(m.value) if m.value is not None else None
