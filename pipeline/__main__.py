@@ -50,6 +50,10 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.reconcile import reconcile
 
     report = asyncio.run(reconcile(settings, progress=sys.stderr.isatty()))
+    if args.metrics_file:
+        from pipeline.reconcile import write_metrics
+
+        write_metrics(report, args.metrics_file)
     if args.json:
         sys.stdout.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -107,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconcile", help="prove exactly-once between input and outputs")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument(
+        "--metrics-file",
+        default=None,
+        help="also write the verdict as Prometheus text here (node_exporter textfile"
+        " collector; see deploy/alerts.yml)",
+    )
     p.set_defaults(func=_reconcile)
 
     p = sub.add_parser("status", help="input records committed by the worker group, and lag")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import faust
 from faust.types import TransportT
 from mode.utils.times import want_seconds
+from prometheus_client import Histogram
 
 from pipeline.eos import Coordinator, ExactlyOnceTransactionManager, SettlingConsumer
 from pipeline.settings import Settings
@@ -48,6 +50,7 @@ class PipelineApp(faust.App):
 
     def on_rebalance_start(self) -> None:
         super().on_rebalance_start()
+        self.rebalance_started = time.monotonic()
         self.eos.unsettle()
 
     def on_rebalance_end(self) -> None:
@@ -56,6 +59,10 @@ class PipelineApp(faust.App):
         # after our producers' InitProducerId, so they are stable). That, not any seek,
         # is when processing may start; see Coordinator.recovered.
         super().on_rebalance_end()
+        if self.rebalance_started is not None:
+            # From the start of the rebalance to the end of the tables' recovery.
+            self.recoveries.observe(time.monotonic() - self.rebalance_started)
+            self.rebalance_started = None
         if self.settings.exactly_once:
             self.eos.recovered()
 
@@ -89,6 +96,8 @@ class PipelineApp(faust.App):
         await super().on_first_start()
 
     declared_topics: list[Any]
+    rebalance_started: float | None
+    recoveries: Histogram
 
 
 def _topic_config(topic: Any) -> dict[str, str]:
@@ -133,5 +142,12 @@ def create_app(settings: Settings) -> PipelineApp:
     app.settings = settings
     app.eos = Coordinator(settings)
     app.stats = Stats()
+    app.rebalance_started = None
+    app.recoveries = Histogram(
+        "pipeline_recovery_seconds",
+        "From a rebalance's start to the end of its table recovery (restore)",
+        buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+        registry=None,
+    )
     app.declared_topics = []
     return app

@@ -8,11 +8,13 @@ and are proven by ``reconcile``.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -30,6 +32,24 @@ _COUNTERS = {
     "coupons": ("pipeline_coupons_issued", "Coupons issued"),
     "expired_ids": ("pipeline_dedup_ids_expired", "Dedup ids removed after the window"),
 }
+
+
+class _ProducerRetries(logging.Handler):
+    """Counts aiokafka's produce retries (the seed article's "producer resend rate").
+
+    aiokafka keeps no retry counter; its sender logs every retried produce response at
+    WARNING, and this handler counts those records. Process-wide, like the producers.
+    """
+
+    count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in str(record.msg):
+            _ProducerRetries.count += 1
+
+
+_retries = _ProducerRetries(level=logging.WARNING)
+logging.getLogger("aiokafka.producer.sender").addHandler(_retries)
 
 
 class _AppCollector(Collector):
@@ -82,11 +102,74 @@ class _AppCollector(Collector):
         yield GaugeMetricFamily(
             "pipeline_rebalancing", "1 while this worker is rebalancing", value=int(app.rebalancing)
         )
+        yield from eos.commit_histogram.collect()
+        yield CounterMetricFamily(
+            "pipeline_transactions_aborted",
+            "Transactions this process aborted (a crashed worker's are aborted by the broker;"
+            " see process_start_time_seconds for restarts)",
+            value=eos.aborts,
+        )
+        yield CounterMetricFamily(
+            "pipeline_producer_retries",
+            "Produce requests aiokafka retried (retriable broker errors)",
+            value=_ProducerRetries.count,
+        )
+        yield from self._lag()
+        yield from app.recoveries.collect()
+        remaining = GaugeMetricFamily(
+            "pipeline_restore_remaining_records",
+            "Changelog records still to restore (active: before processing may start)",
+            labels=["kind"],
+        )
+        recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
+        remaining.add_metric(["active"], recovery.active_remaining_total())
+        remaining.add_metric(["standby"], recovery.standby_remaining_total())
+        yield remaining
+        keys = GaugeMetricFamily(
+            "pipeline_table_keys",
+            "Keys in a table's local store on this worker (RocksDB's estimate)",
+            labels=["table"],
+        )
+        for table in list(app.tables.values()):
+            store: Any = table.data
+            if hasattr(store, "estimated_keys"):
+                keys.add_metric([table.name], store.estimated_keys())
+        yield keys
+
+    def _lag(self) -> Iterator[Metric]:
+        """Per owned source partition: end offset minus the next offset to process.
+
+        The end is the consumer's last known last-stable offset (it counts transaction
+        markers, so a caught-up partition behind a transactional topic shows 1 or 2).
+        """
+        lag = GaugeMetricFamily(
+            "pipeline_consumer_lag",
+            "Records not yet processed, per source partition this worker owns",
+            labels=["topic", "partition"],
+        )
+        consumer = self.app.consumer
+        for tp, st in list(self.app.eos.partitions.items()):
+            nxt = st.processed + 1 if st.processed is not None else st.expected
+            try:
+                end = consumer.highwater(tp)
+            except Exception:  # not fetched yet, or the assignment just moved
+                continue
+            if nxt is None or end is None or end < 0:
+                continue
+            lag.add_metric([tp.topic, str(tp.partition)], max(0, end - nxt))
+        yield lag
 
 
 def registry_for(app: PipelineApp) -> CollectorRegistry:
+    """This app's registry: our collector, Faust's Prometheus sensor, the process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_AppCollector(app))
+    # Faust's own sensor (messages, events, commits, send latency, rebalances, ...) on
+    # the same registry, under faust_*; its setup_prometheus_sensors would also add a
+    # second /metrics page.
+    app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
+    # CPU, memory, open files, and the start time that shows restarts.
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -132,6 +132,35 @@ class Report:
         return "\n".join(lines)
 
 
+def write_metrics(report: Report, path: str) -> None:
+    """The verdict as Prometheus text, for node_exporter's textfile collector (the
+    ``PipelineReconcile*`` alerts of deploy/alerts.yml). Written atomically."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    registry = CollectorRegistry()
+
+    def gauge(name: str, text: str, value: float) -> None:
+        Gauge(name, text, registry=registry).set(value)
+
+    gauge("pipeline_reconcile_ok", "1 if the last reconcile passed", int(report.ok))
+    gauge("pipeline_reconcile_duplicates", "Duplicates the last reconcile found", report.duplicates)
+    gauge("pipeline_reconcile_losses", "Losses the last reconcile found", report.losses)
+    gauge(
+        "pipeline_reconcile_mismatches",
+        "Mismatched, unexpected or misordered records and table rows",
+        sum(c.mismatched + c.unexpected + c.out_of_order for c in report.checks),
+    )
+    gauge(
+        "pipeline_reconcile_open_transactions",
+        "Output partitions with a transaction left open",
+        sum(len(p) for p in report.open_transactions.values()),
+    )
+    gauge("pipeline_reconcile_input_records", "Input records checked", report.input_records)
+    gauge("pipeline_reconcile_seconds", "Duration of the last reconcile", report.seconds)
+    gauge("pipeline_reconcile_last_run_timestamp_seconds", "When it finished", time.time())
+    write_to_textfile(path, registry)
+
+
 def _peak_rss_mb() -> float:
     import resource
 

@@ -39,7 +39,7 @@ FLAGS = [
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 (once per test, before any I/O)
-        pytest.fail(f"{CHROMIUM} missing: scripts/setup installs Debian's chromium")
+        pytest.fail(f"{CHROMIUM} missing: scripts/system-packages installs Debian's chromium")
     async with async_playwright() as pw:
         b = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:

@@ -142,3 +142,29 @@ async def test_full_chain_two_workers_killed_repeatedly(
             }
             assert values["pipeline_events_seen_total"] == st["seen"]
             assert values["pipeline_order_changes_total"] == st["changes"]
+            for field, name in (
+                ("unique", "pipeline_events_unique_total"),
+                ("duplicates_dropped", "pipeline_duplicates_dropped_total"),
+                ("dlq", "pipeline_dead_letters_total"),
+                ("rejected", "pipeline_orders_rejected_total"),
+                ("coupons", "pipeline_coupons_issued_total"),
+                ("commits", "pipeline_commits_total"),
+                # One histogram observation per commit round.
+                ("commits", "pipeline_commit_duration_seconds_count"),
+            ):
+                assert values[name] == st[field], (name, values[name], st)
+            labeled = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text)
+                for s in fam.samples
+                if s.labels
+            }
+            # Every table has keys on a worker that processed; lag is reported for every
+            # owned source partition; Faust's own sensor counted the records it delivered.
+            for table in ("dedup", "orders", "users.balances"):
+                assert labeled[("pipeline_table_keys", (("table", table),))] > 0, table
+            owned = sum(len(ps) for ps in st["partitions"].values())  # type: ignore[attr-defined]
+            lags = [k for k in labeled if k[0] == "pipeline_consumer_lag"]
+            assert len(lags) == owned > 0
+            assert values["faust_messages_received_total"] >= st["seen"]
+            assert values["pipeline_recovery_seconds_count"] >= 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from faust.types import TP
+from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.eos import PartitionState
 from pipeline.metrics import registry_for, render
 from pipeline.stats import Stats
 
@@ -19,17 +22,46 @@ def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
     return out
 
 
-def test_metrics_read_the_live_objects_at_scrape_time() -> None:
-    stats = Stats(seen=10, unique=7, duplicates_dropped=2, dlq=1, rejected=3)
+def _histogram(name: str) -> Histogram:
+    return Histogram(name, "test", buckets=(0.01, 0.1, 1), registry=None)
+
+
+def _app() -> SimpleNamespace:
+    raw0, raw1, u0 = TP("orders.raw", 0), TP("orders.raw", 1), TP("u", 0)
     eos = SimpleNamespace(
         commits=4,
         skipped=5,
         reseeks=1,
         unstalls=0,
+        aborts=2,
         commit_seconds=[0.01, 0.02, 0.03],
-        partitions={TP("orders.raw", 0): None, TP("orders.raw", 1): None, TP("u", 0): None},
+        commit_histogram=_histogram("pipeline_commit_duration_seconds"),
+        partitions={
+            raw0: PartitionState(processed=41),
+            raw1: PartitionState(expected=7),
+            u0: PartitionState(),
+        },
     )
-    app = SimpleNamespace(stats=stats, eos=eos, rebalancing=False)
+    for v in eos.commit_seconds:
+        eos.commit_histogram.observe(v)
+    ends = {raw0: 50, raw1: 7}
+    recovery = SimpleNamespace(
+        active_remaining_total=lambda: 12, standby_remaining_total=lambda: 30
+    )
+    dedup = SimpleNamespace(name="dedup", data=SimpleNamespace(estimated_keys=lambda: 1234))
+    plain = SimpleNamespace(name="other", data=object())
+    return SimpleNamespace(
+        stats=Stats(seen=10, unique=7, duplicates_dropped=2, dlq=1, rejected=3),
+        eos=eos,
+        rebalancing=False,
+        consumer=SimpleNamespace(highwater=ends.__getitem__),
+        tables=SimpleNamespace(recovery=recovery, values=lambda: [dedup, plain]),
+        recoveries=_histogram("pipeline_recovery_seconds"),
+    )
+
+
+def test_metrics_read_the_live_objects_at_scrape_time() -> None:
+    app = _app()
     registry = registry_for(app)  # type: ignore[arg-type]
     first = _samples(render(registry))
     assert first[("pipeline_events_seen_total", ())] == 10
@@ -39,9 +71,54 @@ def test_metrics_read_the_live_objects_at_scrape_time() -> None:
     assert first[("pipeline_commit_seconds", (("quantile", "1"),))] == 0.03
     assert first[("pipeline_owned_partitions", (("topic", "orders.raw"),))] == 2
     assert first[("pipeline_rebalancing", ())] == 0
+    assert first[("pipeline_transactions_aborted_total", ())] == 2
     # Nothing is copied at registration: the next scrape sees the new values.
-    stats.seen = 11
+    app.stats.seen = 11
     app.rebalancing = True
     second = _samples(render(registry))
     assert second[("pipeline_events_seen_total", ())] == 11
     assert second[("pipeline_rebalancing", ())] == 1
+
+
+def test_commit_latency_is_a_histogram() -> None:
+    samples = _samples(render(registry_for(_app())))  # type: ignore[arg-type]
+    bucket = "pipeline_commit_duration_seconds_bucket"
+    assert samples[(bucket, (("le", "0.01"),))] == 1
+    assert samples[(bucket, (("le", "0.1"),))] == 3
+    assert samples[("pipeline_commit_duration_seconds_count", ())] == 3
+
+
+def test_lag_per_partition_from_the_next_offset_to_process() -> None:
+    samples = _samples(render(registry_for(_app())))  # type: ignore[arg-type]
+    # processed 41 of an end at 50: 42..49 remain; expected 7 at end 7: none.
+    assert samples[("pipeline_consumer_lag", (("partition", "0"), ("topic", "orders.raw")))] == 8
+    assert samples[("pipeline_consumer_lag", (("partition", "1"), ("topic", "orders.raw")))] == 0
+    # A partition with nothing known yet (no end, no position) is left out, not 0.
+    assert ("pipeline_consumer_lag", (("partition", "0"), ("topic", "u"))) not in samples
+
+
+def test_restore_and_table_size() -> None:
+    samples = _samples(render(registry_for(_app())))  # type: ignore[arg-type]
+    assert samples[("pipeline_restore_remaining_records", (("kind", "active"),))] == 12
+    assert samples[("pipeline_restore_remaining_records", (("kind", "standby"),))] == 30
+    assert samples[("pipeline_table_keys", (("table", "dedup"),))] == 1234
+    assert ("pipeline_table_keys", (("table", "other"),)) not in samples
+    assert ("pipeline_recovery_seconds_count", ()) in samples
+
+
+def test_producer_retries_are_counted_from_aiokafka_sender_warnings() -> None:
+    registry = registry_for(_app())  # type: ignore[arg-type]
+    before = _samples(render(registry))[("pipeline_producer_retries_total", ())]
+    sender = logging.getLogger("aiokafka.producer.sender")
+    sender.warning("Got error produce response on topic-partition %s, retrying. Error: %s", 1, 2)
+    sender.warning("something else")
+    after = _samples(render(registry))[("pipeline_producer_retries_total", ())]
+    assert after == before + 1
+
+
+def test_faust_sensor_and_process_metrics_share_the_registry() -> None:
+    app = _app()
+    samples = _samples(render(registry_for(app)))  # type: ignore[arg-type]
+    assert ("faust_messages_received_total", ()) in samples
+    assert ("process_start_time_seconds", ()) in samples
+    assert app.monitor is not None
