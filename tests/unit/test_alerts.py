@@ -3,6 +3,7 @@ they use is one the workers (or reconcile's metrics file) really export."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -46,7 +47,17 @@ def test_every_alert_fires_when_it_should_and_only_then() -> None:
     assert alerts and alerts == tested
 
 
-def test_rules_only_use_metrics_that_exist(tmp_path: Path) -> None:
+def test_prometheus_config_is_valid() -> None:
+    # Also loads and checks the rule files it names (alerts.yml).
+    done = subprocess.run(
+        [_promtool(), "check", "config", str(DEPLOY / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _exported(tmp_path: Path) -> set[str]:
     from pipeline.reconcile import Report, write_metrics
 
     exported = set()
@@ -61,9 +72,28 @@ def test_rules_only_use_metrics_that_exist(tmp_path: Path) -> None:
     exported.update(
         line.split()[2] for line in textfile.read_text().splitlines() if line.startswith("# TYPE")
     )
+    return exported
+
+
+def _names(text: str) -> set[str]:
+    return set(re.findall(r"\b((?:pipeline|process)_[a-z_]+)\b", text))
+
+
+def test_rules_only_use_metrics_that_exist(tmp_path: Path) -> None:
     rules = (DEPLOY / "alerts.yml").read_text()
-    used = set(re.findall(r"\b((?:pipeline|process)_[a-z_]+)\b", rules))
-    recorded = set(re.findall(r"record: (pipeline:[\w:]+)", rules))
+    used = _names(rules)
     assert used, rules
-    assert used <= exported, sorted(used - exported)
-    assert recorded
+    assert used <= _exported(tmp_path), sorted(used - _exported(tmp_path))
+
+
+def test_grafana_dashboard_queries_exist(tmp_path: Path) -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "pipeline.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    used = set().union(*(_names(e) for e in exprs))
+    assert used <= _exported(tmp_path), sorted(used - _exported(tmp_path))
+    # Recording rules it plots are defined in alerts.yml.
+    rules = (DEPLOY / "alerts.yml").read_text()
+    for expr in exprs:
+        for rule in re.findall(r"pipeline:[\w:]+", expr):
+            assert f"record: {rule}" in rules, rule

@@ -87,6 +87,8 @@ def _rendered_config(compose: list[str]) -> dict[str, Any]:
         str(COMPOSE_FILE),
         "--profile",
         "demo",
+        "--profile",
+        "monitoring",
         "config",
     ]
     # Validation first, with flags every compose version has: from here on a failure
@@ -161,6 +163,9 @@ def test_compose_config() -> None:
     assert _environment(worker)["PIPELINE_WEB_HOST"] == "0.0.0.0"
     assert demo.get("profiles") == ["demo"]
 
+    for name in ("prometheus", "grafana"):
+        assert services[name].get("profiles") == ["monitoring"], name
+
     published = {name: _ports(svc) for name, svc in services.items() if svc.get("ports")}
     assert ("127.0.0.1", "9092", "9092") in published["kafka"]
     assert ("127.0.0.1", "6066", "6066") in published["worker"]
@@ -180,3 +185,12 @@ def test_compose_file_uses_env_kafka_version() -> None:
     images = re.findall(r"^\s*image:\s*[\"']?(apache/kafka:\S+?)[\"']?\s*$", content, re.M)
     assert images == ["apache/kafka:${KAFKA_VERSION}"], images
     assert version not in content, f"docker-compose.yml repeats {version}; use .env"
+
+
+def test_compose_bind_mounts_exist() -> None:
+    # Prometheus and Grafana read their configuration from deploy/: a renamed file
+    # must fail here, not as an empty dashboard after `up`.
+    mounts = re.findall(r"^\s*- (\./[^:\s]+):", COMPOSE_FILE.read_text(), re.M)
+    assert mounts, "no bind mounts found"
+    for source in mounts:
+        assert (ROOT / source).exists(), source
