@@ -11,16 +11,21 @@ import orjson
 
 from pipeline.settings import Settings
 
-NOT_YET = {
-    "sink": "the exactly-once database sink (issue #5)",
-    "outbox-relay": "publishes a database outbox (issue #5)",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _produce(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.admin import ensure_topics
     from pipeline.generate import generate
     from pipeline.kafka_io import produce
+
+    if args.via_outbox:
+        from pipeline.shop import produce_via_outbox
+
+        if not args.db:
+            print("produce --via-outbox needs --db URL", file=sys.stderr)
+            return 2
+        return produce_via_outbox(args, settings)
 
     async def run() -> int:
         await ensure_topics(
@@ -107,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="random seed (1)")
     p.add_argument("--rate", type=float, default=None, help="records per second (unlimited)")
     p.add_argument("--prefix", default="o", help="order id prefix, to keep runs apart")
+    p.add_argument(
+        "--via-outbox",
+        action="store_true",
+        help="act as an application: --count orders, each step one database transaction"
+        " (business row + outbox row); publish them with outbox-relay",
+    )
+    p.add_argument("--db", default=None, help="with --via-outbox: SQLAlchemy URL or SQLite path")
     p.set_defaults(func=_produce)
 
     p = sub.add_parser("reconcile", help="prove exactly-once between input and outputs")
@@ -133,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline import chaos
 
     chaos.add_parser(sub)
+    from pipeline import outbox, sink
+
+    sink.add_parser(sub)
+    outbox.add_parser(sub)
 
     for name, text in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet available) {text}")
