@@ -160,7 +160,7 @@ class RelayStats:
 class Claims:
     """Which buckets this relay may publish, and keeping hold of them."""
 
-    def __init__(self, engine: Engine, owner: str, lease_s: float = 10.0) -> None:
+    def __init__(self, engine: Engine, owner: str, lease_s: float = 3.0) -> None:
         self.engine = engine
         self.owner = owner
         self.lease_s = lease_s
