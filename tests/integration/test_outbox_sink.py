@@ -250,6 +250,7 @@ async def full_path(
     procs: Callable[..., Proc],
     orders: int,
     restart_postgres: bool,
+    writer_rate: float | None = None,
 ) -> None:
     rng = random.Random(5)
     schema = db.engine_for(url)
@@ -259,6 +260,7 @@ async def full_path(
     worker.start()
     # Two application processes write concurrently, as a real service with two instances.
     half = orders // 2
+    rate = ["--rate", str(writer_rate)] if writer_rate else []
     writers = [
         procs(
             f"writer{i}",
@@ -270,9 +272,10 @@ async def full_path(
                 "--count",
                 str(n),
                 "--prefix",
-                f"{p}",
+                p,
                 "--seed",
                 str(i + 1),
+                *rate,
             ],
             env,
         )
@@ -449,6 +452,8 @@ async def test_full_path_sqlite_shortened(
         procs=procs,
         orders=1_500,
         restart_postgres=False,
+        # Events per second per writer: writing lasts ~20 s, long enough for repeated kills.
+        writer_rate=90,
     )
 
 
