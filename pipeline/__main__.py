@@ -11,8 +11,6 @@ import orjson
 
 from pipeline.settings import Settings
 
-NOT_YET: dict[str, str] = {}
-
 
 def _produce(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.admin import ensure_topics
@@ -90,11 +88,6 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     return bench_main(args, settings)
 
 
-def _not_yet(name: str) -> int:
-    print(f"'{name}' is not available in this version yet: {NOT_YET[name]}", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,9 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_parser(sub)
     outbox.add_parser(sub)
 
-    for name, text in NOT_YET.items():
-        p = sub.add_parser(name, help=f"(not yet available) {text}")
-        p.set_defaults(func=lambda a, s, _n=name: _not_yet(_n))
     return parser
 
 
