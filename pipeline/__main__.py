@@ -128,9 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for lag 0")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("bench", help="throughput of exactly_once against at_least_once")
-    p.add_argument("--count", type=int, default=50_000, help="events per run (50000)")
-    p.add_argument("--quick", action="store_true", help="a short run (10000 events, 1 run)")
+    p = sub.add_parser(
+        "bench",
+        help="exactly_once against at_least_once, the raw aiokafka loop, Quix and Kafka's"
+        " perf tools: throughput, latency, CPU, RSS (docs/benchmarks.md)",
+    )
+    p.add_argument("--count", type=int, default=20_000, help="events per run (20000)")
+    p.add_argument("--quick", action="store_true", help="a short run (5000 events, 1 run)")
     p.add_argument("--runs", type=int, default=3, help="runs per system; median reported (3)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=_bench)

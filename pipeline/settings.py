@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +58,9 @@ class Settings(BaseSettings):
     #: Test-only: comma-separated names of our fixes of stock Faust EOS to turn off
     #: (see ``pipeline/eos.py``), to show that each gap is real.
     disable_fix: str = ""
+    #: Bench-only: "dedup" runs the dedup agent alone (no state machine, no balances), so
+    #: ``bench`` can measure the first hop by itself. Default "all": the whole chain.
+    stages: Literal["all", "dedup"] = "all"
 
     topic_raw: str = "orders.raw"
     topic_unique: str = "orders.unique"

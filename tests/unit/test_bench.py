@@ -1,0 +1,75 @@
+"""The benchmark's accounting, without Kafka and without timing anything."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from pipeline.bench_raw import Counts, handle
+from pipeline.bench_stats import Run, percentile, ratios, render_table, spread, summarize
+from pipeline.generate import generate
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))  # 1..100
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([3, 1, 2], 50) == 2  # unsorted input
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1], 0)
+
+
+def test_spread_median_min_max_skips_missing() -> None:
+    s = spread([3.0, None, 1.0, 2.0])
+    assert s is not None
+    assert (s.median, s.low, s.high) == (2.0, 1.0, 3.0)
+    assert spread([None, None]) is None
+
+
+def test_ratios_only_between_systems_that_ran() -> None:
+    medians = {"eos": 90.0, "alo": 100.0, "raw": 0.0}
+    out = ratios(medians, [("eos", "alo"), ("eos", "raw"), ("eos", "quix")])
+    assert out == [("eos", "alo", 0.9)]
+
+
+def _run(system: str, eps: float, p99: float | None = None) -> Run:
+    return Run(system, 1000, 1000 / eps, eps, p50_ms=10, p99_ms=p99, cpu_s_per_100k=5)
+
+
+def test_table_shows_median_and_range_per_system() -> None:
+    results = {
+        "a": [_run("a", 100, 50), _run("a", 300, 70), _run("a", 200, 60)],
+        "b": [_run("b", 50)],
+    }
+    assert summarize(results["a"])["events_per_s"] is not None
+    table = render_table(results).splitlines()
+    assert table[0].startswith("| system | runs | events/s")
+    assert table[2] == "| a | 3 | 200 (100-300) | 10 | 60 (50-70) | 5.0 | n/a |"
+    assert table[3] == "| b | 1 | 50 | 10 | n/a | 5.0 | n/a |"
+
+
+def test_raw_loop_counts_in_equal_counts_out() -> None:
+    """A tiny run of the raw loop's decision: every input record is forwarded, dropped
+    or dead-lettered, and exactly the distinct valid event ids are forwarded."""
+    records = list(generate(2000, seed=3, dup_rate=0.3, bad_rate=0.02))
+    batch = [
+        ("in", 0, offset, 1_700_000_000_000 + offset, r.key, r.value)
+        for offset, r in enumerate(records)
+    ]
+    counts = Counts()
+    seen: dict[bytes, bytes] = {}
+    # Two batches, as the loop's getmany would hand them over.
+    out = handle(batch[:700], seen, counts) + handle(batch[700:], seen, counts)
+    assert counts.seen == len(records)
+    assert counts.unique + counts.dropped + counts.dlq == counts.seen
+    assert len(out) == counts.unique + counts.dlq
+    bad = sum(r.kind.startswith("bad:") for r in records)
+    assert counts.dlq == bad
+    forwarded = [orjson.loads(v)["event_id"] for kind, _, v in out if kind == "unique"]
+    assert len(forwarded) == len(set(forwarded))
+    valid_ids = {orjson.loads(r.value)["event_id"] for r in records if r.kind in ("new", "dup")}
+    assert set(forwarded) == valid_ids
