@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run (5000 events, 1 run)")
     p.add_argument("--runs", type=int, default=3, help="runs per system; median reported (3)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="also measure the outbox relay and the sink on this database (SQLAlchemy URL;"
+        " default $PIPELINE_BENCH_DB)",
+    )
     p.set_defaults(func=_bench)
 
     from pipeline import chaos

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -488,8 +489,20 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         asyncio.run(go(Path(tmp)))
+    outbox: list[dict[str, float]] = []
+    db_url = args.db or os.environ.get("PIPELINE_BENCH_DB")
+    if db_url:
+        # Both ends of the chain (issue #5): one relay publishing the outbox, and the sink
+        # writing orders.changes, each over `count` rows from a standing start.
+        from pipeline.bench_outbox import bench as bench_outbox
+
+        for i in range(runs):
+            outbox.append(asyncio.run(bench_outbox(db_url, count, settings)))
+            print(f"  run {i + 1}/{runs} outbox and sink: {outbox[-1]}", flush=True)
     load1 = os.getloadavg()
     report = render(results, count, runs, settings, skipped)
+    if outbox:
+        report += "\n\n" + render_outbox(outbox, db_url or "")
     report += (
         f"\n\nWall time {time.time() - started:.0f} s; load average (1 min) "
         f"{load0[0]:.2f} before, {load1[0]:.2f} after, on {os.cpu_count()} CPUs."
@@ -506,11 +519,29 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                     "loadavg_after": load1,
                     "skipped": skipped,
                     "results": {k: [asdict(r) for r in v] for k, v in results.items()},
+                    "outbox": outbox,
                 },
                 indent=2,
             )
         )
     return 0
+
+
+def render_outbox(runs: list[dict[str, float]], db_url: str) -> str:
+    """The outbox relay and the database sink: median (min-max) rows per second."""
+    dialect = db_url.split(":", 1)[0].split("+", 1)[0] if "://" in db_url else "sqlite"
+    lines = [
+        f"Outbox relay and database sink on {dialect} ({int(runs[0]['rows'])} rows per run):",
+        "",
+        "| end | rows/s (median) | min | max |",
+        "|---|---|---|---|",
+    ]
+    for key, name in (("relay_rows_per_s", "outbox relay"), ("sink_records_per_s", "sink")):
+        values = [r[key] for r in runs]
+        lines.append(
+            f"| {name} | {statistics.median(values):.0f} | {min(values):.0f} | {max(values):.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def render(

@@ -73,3 +73,17 @@ def test_raw_loop_counts_in_equal_counts_out() -> None:
     assert len(forwarded) == len(set(forwarded))
     valid_ids = {orjson.loads(r.value)["event_id"] for r in records if r.kind in ("new", "dup")}
     assert set(forwarded) == valid_ids
+
+
+def test_outbox_table_reports_median_min_max() -> None:
+    from pipeline.bench import render_outbox
+
+    runs = [
+        {"rows": 1000, "relay_rows_per_s": 900.0, "sink_records_per_s": 2000.0},
+        {"rows": 1000, "relay_rows_per_s": 1100.0, "sink_records_per_s": 1000.0},
+        {"rows": 1000, "relay_rows_per_s": 1000.0, "sink_records_per_s": 3000.0},
+    ]
+    text = render_outbox(runs, "postgresql+psycopg://u@127.0.0.1:55432/db")
+    assert "on postgresql (1000 rows per run)" in text
+    assert "| outbox relay | 1000 | 900 | 1100 |" in text
+    assert "| sink | 2000 | 1000 | 3000 |" in text
