@@ -546,8 +546,20 @@ async def run_chaos(
     """Run one chaos plan and return its result (the caller prints the summary)."""
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     # Connection errors while the broker is down are the point of the run; the run
-    # reports what matters itself, and the workers' logs keep the details.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # reports what matters itself, and the workers' logs keep the details. Restored
+    # afterwards: the level is process-wide.
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return await _run(plan, base, workdir, drain_timeout, say)
+    finally:
+        quiet.setLevel(level)
+
+
+async def _run(
+    plan: Plan, base: Settings, workdir: Path | None, drain_timeout: float, say: Any
+) -> ChaosResult:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="pipeline-chaos-"))
     run = Run(plan, base, workdir, say)
     s = run.settings

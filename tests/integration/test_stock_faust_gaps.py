@@ -20,7 +20,20 @@ from pipeline.kafka_io import produce, read_topic
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
-from .harness import Worker, feed, wait_drained
+from .harness import Worker, feed, progress, wait_drained
+
+
+async def _raw_committed(settings: Settings, worker: Worker, timeout: float) -> None:
+    """Wait until the dedup stage committed every input record."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        done, total = await progress(settings)
+        if total and done >= total:
+            return
+        assert worker.alive, worker.log_tail()
+        assert asyncio.get_running_loop().time() < deadline, (done, total, worker.log_tail())
+        await asyncio.sleep(0.5)
+
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +148,13 @@ async def test_route_by_source(
     code = await asyncio.to_thread(worker.wait_exit, 120)
     assert code == EXIT_COMMIT_FAILED, worker.log_tail()
     worker.start()
-    await wait_drained(settings, [worker], timeout=180)
+    if fixed:
+        await wait_drained(settings, [worker], timeout=180)
+    else:
+        # Only orders.unique is checked, so only the dedup stage must have committed all
+        # its input. The stages behind it may never drain with the fix off (seen: the
+        # state machine stuck one record short of a transactional topic's end).
+        await _raw_committed(settings, worker, timeout=180)
     worker.stop()
     report = await reconcile(settings)
     unique = report.checks[0]

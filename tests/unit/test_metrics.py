@@ -110,8 +110,18 @@ def test_producer_retries_are_counted_from_aiokafka_sender_warnings() -> None:
     registry = registry_for(_app())  # type: ignore[arg-type]
     before = _samples(render(registry))[("pipeline_producer_retries_total", ())]
     sender = logging.getLogger("aiokafka.producer.sender")
-    sender.warning("Got error produce response on topic-partition %s, retrying. Error: %s", 1, 2)
-    sender.warning("something else")
+    # Levels are process-wide: make sure this logger passes warnings, as in a worker.
+    saved = [(lg, lg.level) for lg in (sender, logging.getLogger("aiokafka"))]
+    for lg, _ in saved:
+        lg.setLevel(logging.WARNING)
+    try:
+        sender.warning(
+            "Got error produce response on topic-partition %s, retrying. Error: %s", 1, 2
+        )
+        sender.warning("something else")
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
     after = _samples(render(registry))[("pipeline_producer_retries_total", ())]
     assert after == before + 1
 
