@@ -231,10 +231,6 @@ class ChaosResult:
         return "\n".join(lines)
 
 
-def _stats(worker: Worker) -> dict[str, Any] | None:
-    return worker.stats()
-
-
 class Run:
     """One chaos run's processes and tasks."""
 
@@ -361,7 +357,7 @@ class Run:
             found = None
             while found is None and time.monotonic() < deadline:
                 for w in self.running():
-                    st = await asyncio.to_thread(_stats, w)
+                    st = await asyncio.to_thread(w.stats)
                     if st is not None and st.get("rebalancing"):
                         found = w
                         break
@@ -384,7 +380,7 @@ class Run:
         deadline = time.monotonic() + 15
         while not holding and time.monotonic() < deadline:
             for w in self.running():
-                parts = self.owned(await asyncio.to_thread(_stats, w))
+                parts = self.owned(await asyncio.to_thread(w.stats))
                 if parts:
                     holding.append((w, parts))
             if not holding:
@@ -417,7 +413,7 @@ class Run:
         while True:
             await asyncio.sleep(1)
             for w in self.running():
-                taken |= self.owned(await asyncio.to_thread(_stats, w))
+                taken |= self.owned(await asyncio.to_thread(w.stats))
             frozen = time.monotonic() - start
             if frozen >= seconds and (held <= taken or frozen >= seconds * 4):
                 break

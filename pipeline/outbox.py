@@ -371,6 +371,25 @@ class Relay:
                 )
                 await asyncio.sleep(delay)
 
+    async def _database_lost(
+        self, error: Exception, claims: Claims, backoff: db.Backoff, what: str
+    ) -> None:
+        """A transient database error: release the buckets (the session that held them
+        is gone) and wait before the next round. Anything else is raised."""
+        if not db.is_transient(error):
+            raise error
+        self.stats.db_errors += 1
+        await asyncio.to_thread(claims.close)
+        delay = backoff.next()
+        log.warning(
+            "outbox-relay %s: %s (%s), retry in %.1f s",
+            self.owner,
+            what,
+            str(error).splitlines()[0][:200],
+            delay,
+        )
+        await asyncio.sleep(delay)
+
     async def run(self, stop: asyncio.Event, idle_exit_s: float | None = None) -> RelayStats:
         engine = db.engine_for(self.db_url)
         await db.retry_db(lambda: db.create_schema(engine), "outbox-relay: create schema")
@@ -403,20 +422,10 @@ class Relay:
                     rows = await asyncio.to_thread(claims.fetch, owned, self.batch)
                     db_backoff.reset()
                 except Exception as error:
-                    if not db.is_transient(error):
-                        raise
-                    self.stats.db_errors += 1
-                    await asyncio.to_thread(claims.close)
                     owned = set()
-                    delay = db_backoff.next()
-                    log.warning(
-                        "outbox-relay %s: database unavailable (%s); buckets released,"
-                        " retry in %.1f s",
-                        self.owner,
-                        str(error).splitlines()[0][:200],
-                        delay,
+                    await self._database_lost(
+                        error, claims, db_backoff, "database unavailable; buckets released"
                     )
-                    await asyncio.sleep(delay)
                     continue
                 if time.monotonic() - last_report > 5:
                     last_report = time.monotonic()
@@ -454,20 +463,10 @@ class Relay:
                     )
                     await asyncio.sleep(delay)
                 except Exception as error:
-                    if not db.is_transient(error):
-                        raise
-                    self.stats.db_errors += 1
-                    await asyncio.to_thread(claims.close)
                     owned = set()
-                    delay = db_backoff.next()
-                    log.warning(
-                        "outbox-relay %s: marking failed (%s); the batch will be published"
-                        " again, retry in %.1f s",
-                        self.owner,
-                        str(error).splitlines()[0][:200],
-                        delay,
+                    await self._database_lost(
+                        error, claims, db_backoff, "marking failed; the batch goes out again"
                     )
-                    await asyncio.sleep(delay)
         finally:
             if listener is not None:
                 listener.cancel()
