@@ -42,18 +42,28 @@ The commit order
 For every source partition ``tp`` with progress since its last commit, concurrently
 across partitions, :meth:`ExactlyOnceTransactionManager._commit_tp` runs:
 
-1. ``quiesce``   take the partition's gate, so no event of ``tp`` is half processed.
-2. ``changelog`` send the partition's dirty table rows (last value per key) to the
-   changelog partition, inside ``tp``'s transaction.
+1. ``quiesce``   take the partition's gate (so no event of ``tp`` is half processed),
+   note the offset after the last processed event, take the table rows the
+   transaction wrote, and from here on *hold* new sends of ``tp`` in memory; then
+   release the gate. Processing of ``tp`` goes on during steps 2-7: its table writes
+   start a new overlay, its sends wait for the next transaction.
+2. ``changelog`` send the rows of step 1 (last value per key) to the changelog
+   partition, inside ``tp``'s transaction.
 3. ``drain``     await every send of the transaction (outputs, DLQ, changelog); a failed
    send is fatal.
-4. ``offsets``   ``send_offsets_to_transaction({tp: last processed + 1})``.
+4. ``offsets``   ``send_offsets_to_transaction({tp: the offset of step 1})``.
 5. ``commit``    ``commit_transaction()``: outputs, changelog and offsets become visible
    to ``read_committed`` readers together, or not at all.
-6. ``persist``   write the dirty rows and the changelog offset of step 2 to RocksDB in one
-   write batch. A crash before this only leaves the store behind the changelog, which
-   recovery replays; the store is never ahead of committed state.
-7. ``begin``     begin the next transaction, then release the gate.
+6. ``persist``   write the rows of step 1 and the changelog offset of step 2 to RocksDB in
+   one write batch. A crash before this only leaves the store behind the changelog,
+   which recovery replays; the store is never ahead of committed state.
+7. ``begin``     begin the next transaction, send the held records into it, in the
+   order they were made, and stop holding.
+
+Holding (rather than keeping the gate until step 7) is what lets one agent, which
+serves all its partitions in turn, go on while a partition's commit waits on the broker;
+it keeps each transaction exactly the events up to its offset, and each key's records in
+processing order, since held records reach the log only after the previous transaction's.
 
 A crash anywhere before step 5 completes aborts the transaction (the broker aborts it
 when the restarted worker's producer with the same ``transactional.id`` initialises, or
@@ -76,6 +86,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from faust import current_event
 from faust.transport.consumer import TransactionManager
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.types import TP
 from faust.types.tuples import RecordMetadata
@@ -138,6 +149,19 @@ def fatal(message: str, exc: BaseException | None = None) -> None:
     os._exit(EXIT_COMMIT_FAILED)
 
 
+@dataclass(slots=True)
+class HeldSend:
+    """A send made while its partition's previous transaction commits."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None
+    timestamp_ms: int | None
+    headers: list[tuple[str, bytes]] | None
+    future: asyncio.Future[Any]
+
+
 @dataclass
 class PartitionState:
     """Per source partition: the processing gate and what the open transaction holds."""
@@ -154,6 +178,10 @@ class PartitionState:
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
     #: the commit step this partition's commit is at (for the stuck-commit warning)
     step: str = ""
+    #: between a commit's snapshot and its next ``begin``, sends wait here (see
+    #: ExactlyOnceTransactionManager._commit_tp) instead of entering the committing one
+    holding: bool = False
+    held: list[HeldSend] = field(default_factory=list)
 
     @property
     def has_progress(self) -> bool:
@@ -180,6 +208,62 @@ class KnownRecords:
             return None
         i = bisect.bisect_left(self.offsets, start)
         return self.offsets[i] if i < len(self.offsets) else None
+
+
+class FetchLedger:
+    """Which offsets hold committed records, as Faust's own consumer fetched them.
+
+    aiokafka hands out a partition's records only from its current position, skipping
+    nothing but transaction markers and aborted records, and moves the position past
+    what it handed out. So each fetched batch proves: in ``[first offset, position
+    after)`` the committed records are exactly the batch's offsets. Batches that join
+    (one ends where the next begins) form a chain, and a gap inside the chain is answered
+    without asking the broker. That is the common case on a transactional topic, where
+    every commit leaves a marker: without this, each first record after a marker cost a
+    broker round trip under one lock (seconds of latency per hop at a trickle).
+
+    Written from Faust's consumer thread, read from the event loop: a chain is a list
+    that is only appended to and trimmed at the front, or replaced whole, and readers
+    copy it first (each step is atomic under the GIL).
+    """
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self._chains: dict[TP, list[KnownRecords]] = {}
+
+    def note(self, tp: TP, offsets: list[int], position: int) -> None:
+        """Record a batch handed out for ``tp``; ``position`` is the one after it."""
+        if not offsets:
+            return
+        run = KnownRecords(offsets[0], max(position, offsets[-1] + 1), offsets)
+        chain = self._chains.get(tp)
+        if chain and chain[-1].hi == run.lo:
+            chain.append(run)
+            if len(chain) > self.keep:
+                del chain[0]
+        else:
+            # After a seek (ours, or Faust's at a rebalance) nothing is known about the
+            # offsets between the old chain and this batch: start over.
+            self._chains[tp] = [run]
+
+    def first_at_or_after(self, tp: TP, start: int) -> int | None:
+        """The first committed offset >= ``start`` if the chain covers it, else ``None``."""
+        chain = self._chains.get(tp)
+        if not chain:
+            return None
+        runs = list(chain)
+        if not runs[0].lo <= start < runs[-1].hi:
+            return None
+        for run in runs:
+            if start >= run.hi:
+                continue
+            answer = run.first_at_or_after(max(start, run.lo))
+            if answer is not None:
+                return answer
+        return None
+
+    def forget(self, tp: TP) -> None:
+        self._chains.pop(tp, None)
 
 
 class Coordinator:
@@ -209,6 +293,10 @@ class Coordinator:
         self._checker_lock = asyncio.Lock()
         #: per partition, the committed-record offsets of the last range read
         self._known: dict[TP, KnownRecords] = {}
+        #: what Faust's consumer fetched (see FetchLedger); fed by the consumer thread
+        self.ledger = FetchLedger()
+        self.ledger_answers = 0
+        self.broker_checks = 0
         self._settling: asyncio.Future[None] | None = None
         self._offsets_reader: Any = None
         self._reseek_task: asyncio.Future[None] | None = None
@@ -396,11 +484,16 @@ class Coordinator:
         commit leaves a marker in each partition it wrote) most gaps are then answered
         without a round trip.
         """
+        answer = self.ledger.first_at_or_after(tp, start)
+        if answer is not None:
+            self.ledger_answers += 1
+            return answer
         known = self._known.get(tp)
         if known is not None:
             answer = known.first_at_or_after(start)
             if answer is not None:
                 return answer
+        self.broker_checks += 1
         async with self._checker_lock:
             consumer = await self._checker_consumer()
             ktp = TopicPartition(tp.topic, tp.partition)
@@ -759,6 +852,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         self._held.add(tp)
         st = self.coordinator.state(tp)
         st.pending.clear()
+        _fail_held(st, "the partition was assigned anew")
         st.processed = None
         st.committed = None
         for store in self.coordinator.stores.get(tp.topic, ()):
@@ -771,6 +865,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
         for store in self.coordinator.stores.get(tp.topic, ()):
             store.discard(tp)
         st = self.coordinator.partitions.pop(tp, None)
+        if st is not None:
+            _fail_held(st, "the partition was released")
         if producer is not None:
             # Stopping aborts whatever the transaction still holds (nothing after the
             # revoke commit); the new owner's InitProducerId would fence it anyway.
@@ -843,15 +939,23 @@ class ExactlyOnceTransactionManager(TransactionManager):
         if producer is None:
             fatal(f"no transaction open for {tp} (partition not assigned to this worker)")
             raise AssertionError("unreachable")
+        st = self.coordinator.state(tp)
+        timestamp_ms = int(timestamp * 1000) if timestamp else None
+        if st.holding:
+            held: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            st.held.append(
+                HeldSend(topic, key, value, partition, timestamp_ms, _headers(headers), held)
+            )
+            return held
         fut = await producer.send(
             topic,
             value=value,
             key=key,
             partition=partition,
-            timestamp_ms=int(timestamp * 1000) if timestamp else None,
+            timestamp_ms=timestamp_ms,
             headers=_headers(headers),
         )
-        self.coordinator.state(tp).pending.append(fut)
+        st.pending.append(fut)
         return fut
 
     async def send_and_wait(
@@ -927,6 +1031,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
             return
         try:
             await producer.begin_transaction()
+            await self._send_held(producer, self.coordinator.state(tp))
         except Exception as exc:
             log.error("begin of %s failed (swallowed, fix disabled): %r", tp, exc)
 
@@ -939,55 +1044,102 @@ class ExactlyOnceTransactionManager(TransactionManager):
         st = coord.state(tp)
         tid = self.transactional_id(tp)
         producer = self._producers[tid]
+        quiesce = coord.fix("quiesce")
         self._at(st, Step.QUIESCE)
-        gate = st.gate if coord.fix("quiesce") else _NO_GATE
         st.step = "waiting for the gate"
-        async with gate:  # 1. quiesce
+        async with st.gate if quiesce else _NO_GATE:  # 1. quiesce
             offset = None if st.processed is None else st.processed + 1
             stores = coord.stores.get(tp.topic, ()) if coord.fix("local-state") else ()
+            rows = [(store, store.take_dirty(tp)) for store in stores]
+            # Without the quiesce fix (a test switch) sends go on into this transaction.
+            st.holding = quiesce
 
-            self._at(st, Step.CHANGELOG)  # 2. changelog
-            changelog: list[tuple[TransactionalStore, asyncio.Future[Any]]] = []
-            for store in stores:
-                for key, value in store.dirty_items(tp):
-                    fut = await producer.send(
-                        store.changelog_topic_name, value=value, key=key, partition=tp.partition
-                    )
-                    changelog.append((store, fut))
-                    st.pending.append(fut)
-
-            self._at(st, Step.DRAIN)  # 3. drain
-            if coord.fix("flush-before-commit"):
-                pending, st.pending = st.pending, []
-                await asyncio.gather(*pending)
-            else:
-                st.pending = []
-
-            self._at(st, Step.OFFSETS)  # 4. offsets
-            if offset is not None and (st.committed is None or offset > st.committed):
-                await producer.send_offsets_to_transaction(
-                    {TopicPartition(tp.topic, tp.partition): offset}, self.app.conf.id
+        self._at(st, Step.CHANGELOG)  # 2. changelog
+        changelog: list[tuple[TransactionalStore, asyncio.Future[Any]]] = []
+        for store, items in rows:
+            for key, value in items:
+                fut = await producer.send(
+                    store.changelog_topic_name, value=value, key=key, partition=tp.partition
                 )
+                changelog.append((store, fut))
+                st.pending.append(fut)
 
-            self._at(st, Step.COMMIT)  # 5. commit
-            await coord.fail_point(Step.COMMIT, producer, tp)
-            await producer.commit_transaction()
-            if offset is not None:
-                st.committed = offset
+        self._at(st, Step.DRAIN)  # 3. drain
+        if coord.fix("flush-before-commit"):
+            pending, st.pending = st.pending, []
+            await asyncio.gather(*pending)
+        else:
+            st.pending = []
 
-            self._at(st, Step.PERSIST)  # 6. persist
-            last: dict[int, int] = {}
-            for store, fut in changelog:
-                md = fut.result()
-                last[id(store)] = max(last.get(id(store), -1), md.offset)
-            keep_offsets = coord.fix("changelog-offsets")
-            for store in stores:
-                # Stock Faust (#599) loses these offsets; then restores start too early.
-                store.persist(tp, last.get(id(store)) if keep_offsets else None)
+        self._at(st, Step.OFFSETS)  # 4. offsets
+        if offset is not None and (st.committed is None or offset > st.committed):
+            await producer.send_offsets_to_transaction(
+                {TopicPartition(tp.topic, tp.partition): offset}, self.app.conf.id
+            )
 
-            self._at(st, Step.BEGIN)  # 7. begin
-            await producer.begin_transaction()
-            st.step = ""
+        self._at(st, Step.COMMIT)  # 5. commit
+        await coord.fail_point(Step.COMMIT, producer, tp)
+        await producer.commit_transaction()
+        if offset is not None:
+            st.committed = offset
+
+        self._at(st, Step.PERSIST)  # 6. persist
+        last: dict[int, int] = {}
+        for store, fut in changelog:
+            md = fut.result()
+            last[id(store)] = max(last.get(id(store), -1), md.offset)
+        keep_offsets = coord.fix("changelog-offsets")
+        for store in stores:
+            # Stock Faust (#599) loses these offsets; then restores start too early.
+            store.persist(tp, last.get(id(store)) if keep_offsets else None)
+
+        self._at(st, Step.BEGIN)  # 7. begin
+        await producer.begin_transaction()
+        await self._send_held(producer, st)
+        st.step = ""
+
+    async def _send_held(self, producer: AIOKafkaProducer, st: PartitionState) -> None:
+        """Send what was held during the commit into the transaction just begun."""
+        while st.held:
+            batch, st.held = st.held, []
+            for h in batch:
+                fut = await producer.send(
+                    h.topic,
+                    value=h.value,
+                    key=h.key,
+                    partition=h.partition,
+                    timestamp_ms=h.timestamp_ms,
+                    headers=h.headers,
+                )
+                st.pending.append(fut)
+                _chain(fut, h.future)
+        # No await since the loop saw the list empty: nothing can be held in between.
+        st.holding = False
+
+
+def _fail_held(st: PartitionState, why: str) -> None:
+    """Held sends that will never be sent: their events were not committed either, and
+    are processed again by the partition's next owner (or by this worker, re-assigned)."""
+    held, st.held, st.holding = st.held, [], False
+    for h in held:
+        if not h.future.done():
+            h.future.set_exception(RuntimeError(f"not sent: {why} before its commit"))
+
+
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    """Resolve ``target`` (a held send's future) as ``source`` (the real send) resolves."""
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if target.done():
+            return
+        if f.cancelled():
+            target.cancel()
+        elif f.exception() is not None:
+            target.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            target.set_result(f.result())
+
+    source.add_done_callback(done)
 
 
 class _NoGate:
@@ -1048,6 +1200,9 @@ class SettlingConsumer(AiokafkaConsumer):
         super().__init__(*args, **kwargs)
         self._read_offset = PinnedReadOffsets()
 
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         # Faust answers from the consumer's cached last stable offset, which is unknown
         # (-1) for a partition not fetched yet; recovery then raises ConsistencyError
@@ -1088,3 +1243,34 @@ class SettlingConsumer(AiokafkaConsumer):
         eos.seek_wait = self.seek_wait
         eos.read_offsets = self._read_offset
         eos.resume = self.resume_partitions
+
+
+class LedgerConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, telling the coordinator's ledger what each fetch held."""
+
+    async def _fetch_records(
+        self,
+        consumer: Any,
+        active_partitions: set[TP],
+        timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Any:
+        records = await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
+        # No await since the fetcher handed the records out, so the positions read here
+        # are the ones right after them (a seek cannot have run in between).
+        eos = self.app.eos  # type: ignore[attr-defined]
+        if records and eos.enabled:
+            assignment = consumer._fetcher._subscriptions.subscription
+            assignment = assignment.assignment if assignment is not None else None
+            for tp, batch in records.items():
+                if not batch or tp.topic not in eos.sources or assignment is None:
+                    continue
+                state = assignment.state_value(tp)
+                if state is None or not state.has_valid_position:
+                    continue
+                eos.ledger.note(
+                    TP(tp.topic, tp.partition), [r.offset for r in batch], state.position
+                )
+        return records

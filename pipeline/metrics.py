@@ -76,6 +76,14 @@ class _AppCollector(Collector):
         yield CounterMetricFamily(
             "pipeline_unstalls", "Partitions resumed by the liveness check", value=eos.unstalls
         )
+        gaps = CounterMetricFamily(
+            "pipeline_offset_gap_checks",
+            "Offset gaps checked before admitting a record, by where the answer came from",
+            labels=["source"],
+        )
+        gaps.add_metric(["fetch"], eos.ledger_answers)
+        gaps.add_metric(["broker"], eos.broker_checks)
+        yield gaps
         latency = GaugeMetricFamily(
             "pipeline_commit_seconds",
             "Duration of recent commit rounds",

@@ -37,6 +37,10 @@ class TransactionalStore(RocksStore):
         self.coordinator = coordinator
         # source TP -> {key: value or None (delete)} of the open transaction
         self._dirty: dict[TP, dict[bytes, bytes | None]] = {}
+        # source TP -> the rows of the transaction being committed: taken from _dirty
+        # when its commit starts, written to RocksDB once it committed. Processing goes
+        # on meanwhile (into a fresh _dirty), and its reads must still see these rows.
+        self._committing: dict[TP, dict[bytes, bytes | None]] = {}
 
     @property
     def transactional(self) -> bool:
@@ -48,7 +52,7 @@ class TransactionalStore(RocksStore):
 
     # -- the overlay --------------------------------------------------------------------
 
-    def _overlay(self) -> tuple[dict[bytes, bytes | None], int] | None:
+    def _overlay(self) -> tuple[dict[bytes, bytes | None], int, TP] | None:
         if not self.transactional:
             return None
         event = current_event()
@@ -58,14 +62,14 @@ class TransactionalStore(RocksStore):
         dirty = self._dirty.get(tp)
         if dirty is None:
             dirty = self._dirty[tp] = {}
-        return dirty, event.message.partition
+        return dirty, event.message.partition, tp
 
     def _set(self, key: bytes, value: bytes | None) -> None:
         ov = self._overlay()
         if ov is None:
             super()._set(key, value)
             return
-        dirty, partition = ov
+        dirty, partition, _ = ov
         dirty[key] = value
         self._key_index[key] = partition
 
@@ -74,34 +78,48 @@ class TransactionalStore(RocksStore):
         if ov is None:
             super()._del(key)
             return
-        dirty, _ = ov
+        dirty, _, _ = ov
         dirty[key] = None
 
     def _get(self, key: bytes) -> bytes | None:
         ov = self._overlay()
         if ov is not None:
-            dirty, _ = ov
+            dirty, _, tp = ov
             if key in dirty:
                 return dirty[key]
+            committing = self._committing.get(tp)
+            if committing is not None and key in committing:
+                return committing[key]
         value: bytes | None = super()._get(key)
         return value
 
     def _contains(self, key: bytes) -> bool:
         ov = self._overlay()
         if ov is not None:
-            dirty, _ = ov
+            dirty, _, tp = ov
             if key in dirty:
                 return dirty[key] is not None
+            committing = self._committing.get(tp)
+            if committing is not None and key in committing:
+                return committing[key] is not None
         return bool(super()._contains(key))
 
-    def dirty_items(self, tp: TP) -> list[tuple[bytes, bytes | None]]:
-        # A copy: without the quiesce gate (a test switch) the agent may write meanwhile.
-        dirty = self._dirty.get(tp)
-        return list(dirty.items()) if dirty else []
+    def take_dirty(self, tp: TP) -> list[tuple[bytes, bytes | None]]:
+        """The rows of the transaction now committing; later writes start a new overlay."""
+        dirty = self._dirty.pop(tp, None)
+        if not dirty:
+            return list(self._committing.get(tp, {}).items())
+        committing = self._committing.get(tp)
+        if committing is None:
+            self._committing[tp] = dirty
+        else:  # a commit that failed with the fatal-commit fix off: carried over
+            committing.update(dirty)
+            dirty = committing
+        return list(dirty.items())
 
     def persist(self, tp: TP, changelog_offset: int | None) -> None:
-        """Write the committed overlay of ``tp`` and its changelog offset atomically."""
-        dirty = self._dirty.pop(tp, None)
+        """Write the committed rows of ``tp`` and its changelog offset atomically."""
+        dirty = self._committing.pop(tp, None)
         if not dirty and changelog_offset is None:
             return
         db = self._db_for_partition(tp.partition)
@@ -170,6 +188,7 @@ class TransactionalStore(RocksStore):
     def discard(self, tp: TP) -> None:
         """Forget the uncommitted overlay of ``tp`` (aborted, or partition revoked)."""
         self._dirty.pop(tp, None)
+        self._committing.pop(tp, None)
 
     def scan_partition(
         self, partition: int, start: bytes | None, limit: int

@@ -8,31 +8,60 @@ Switch a fix off with ``PIPELINE_DISABLE_FIX=<name>`` (names in ``pipeline.eos.F
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from rocksdict import AccessType, Rdict
 
 from pipeline.eos import EXIT_COMMIT_FAILED, EXIT_INJECTED, Step
 from pipeline.generate import Record, generate
-from pipeline.kafka_io import produce, read_topic
+from pipeline.kafka_io import committed_offsets, produce, read_topic
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
 from .harness import Worker, feed, progress, wait_drained
 
 
-async def _raw_committed(settings: Settings, worker: Worker, timeout: float) -> None:
-    """Wait until the dedup stage committed every input record."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+async def _dedup_until_done_or_stuck(settings: Settings, worker: Worker, timeout: float) -> None:
+    """Wait until the dedup stage committed every input record, or stopped committing.
+
+    With a fix off, stock Faust can wedge the stage for good (seen in CI: a traceback from
+    Faust's publish path, then the stage stuck at 5257 of 6000 for minutes, also across
+    restarts). The check that follows only counts what the stage claims to have done.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last, moved = -1, loop.time()
+    while loop.time() < deadline and worker.alive and loop.time() - moved < 30:
         done, total = await progress(settings)
         if total and done >= total:
             return
-        assert worker.alive, worker.log_tail()
-        assert asyncio.get_running_loop().time() < deadline, (done, total, worker.log_tail())
+        if done != last:
+            last, moved = done, loop.time()
         await asyncio.sleep(0.5)
+
+
+async def _unique_broken_for_committed_input(settings: Settings) -> tuple[int, int]:
+    """(duplicated ids, missing ids) of ``orders.unique`` over the input the group committed.
+
+    Every input record here is unique and valid, so each one below its partition's
+    committed offset must have exactly one output.
+    """
+    committed = await committed_offsets(
+        settings.bootstrap_servers, settings.app_id, settings.topic_raw
+    )
+    expected: set[str] = set()
+    async for m in read_topic(settings.bootstrap_servers, settings.topic_raw):
+        if m.offset < (committed.get(m.partition) or 0):
+            expected.add(orjson.loads(m.value)["event_id"])
+    seen: Counter[str] = Counter()
+    async for m in read_topic(settings.bootstrap_servers, settings.topic_unique):
+        seen[orjson.loads(m.value)["event_id"]] += 1
+    duplicated = sum(1 for n in seen.values() if n > 1)
+    return duplicated, len(expected - set(seen))
 
 
 pytestmark = pytest.mark.integration
@@ -148,23 +177,22 @@ async def test_route_by_source(
     code = await asyncio.to_thread(worker.wait_exit, 120)
     assert code == EXIT_COMMIT_FAILED, worker.log_tail()
     worker.start()
-    if fixed:
-        await wait_drained(settings, [worker], timeout=180)
-    else:
-        # Only orders.unique is checked, so only the dedup stage must have committed all
-        # its input. The stages behind it may never drain with the fix off (seen: the
-        # state machine stuck one record short of a transactional topic's end).
-        await _raw_committed(settings, worker, timeout=180)
-    worker.stop()
-    report = await reconcile(settings)
-    unique = report.checks[0]
-    broken = unique.duplicates + unique.missing + unique.unexpected
     # Unkeyed records of one order land on several partitions, so no per-order order
     # exists to check; every output must still exist exactly once.
     if fixed:
-        assert broken == 0, report.render()
+        await wait_drained(settings, [worker], timeout=180)
+        worker.stop()
+        report = await reconcile(settings)
+        unique = report.checks[0]
+        assert unique.duplicates + unique.missing + unique.unexpected == 0, report.render()
     else:
-        assert broken > 0, report.render()
+        # The stages behind dedup may never drain with the fix off (seen: the state
+        # machine stuck one record short of a transactional topic's end), and the dedup
+        # stage itself can wedge: judge what it committed.
+        await _dedup_until_done_or_stuck(settings, worker, timeout=180)
+        worker.kill9()
+        duplicated, missing = await _unique_broken_for_committed_input(settings)
+        assert duplicated + missing > 0, "stock routing: expected duplicates or losses"
 
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "stock"])

@@ -33,6 +33,8 @@ def _app() -> SimpleNamespace:
         skipped=5,
         reseeks=1,
         unstalls=0,
+        ledger_answers=12,
+        broker_checks=3,
         aborts=2,
         commit_seconds=[0.01, 0.02, 0.03],
         commit_histogram=_histogram("pipeline_commit_duration_seconds"),
@@ -72,6 +74,8 @@ def test_metrics_read_the_live_objects_at_scrape_time() -> None:
     assert first[("pipeline_owned_partitions", (("topic", "orders.raw"),))] == 2
     assert first[("pipeline_rebalancing", ())] == 0
     assert first[("pipeline_transactions_aborted_total", ())] == 2
+    assert first[("pipeline_offset_gap_checks_total", (("source", "fetch"),))] == 12
+    assert first[("pipeline_offset_gap_checks_total", (("source", "broker"),))] == 3
     # Nothing is copied at registration: the next scrape sees the new values.
     app.stats.seen = 11
     app.rebalancing = True
