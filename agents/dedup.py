@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.codecs import dlq_value
 from pipeline.models import BadInput, parse_event
+from pipeline.topology import direct_send
 from tables.dedup import decide, decode_seen, encode_seen, expired
 
 if TYPE_CHECKING:
@@ -69,8 +70,9 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
     sweep_every = settings.expiry_every
     seen_table = topo.dedup_table
     store = topo.dedup_store
-    unique_topic = topo.unique
-    dlq_topic = topo.dlq
+    unique_topic = topo.unique.get_topic_name()
+    dlq_topic = topo.dlq.get_topic_name()
+    send = direct_send(topo.app)
     stats = topo.app.stats
     eos = topo.app.eos
     stream_ms: dict[int, int] = {}
@@ -80,7 +82,7 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
     def sweep(partition: int, now_ms: int) -> None:
         rows = store.scan_partition(partition, cursor.get(partition), batch)
         for key, _ in rows:
-            current = decode_seen(seen_table.get(key))
+            current = decode_seen(store.lookup(key))
             if current is not None and expired(current, now_ms, window_ms, grace_ms):
                 del seen_table[key]
                 stats.expired_ids += 1
@@ -98,17 +100,17 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
                 msg.key,
                 record_ms,
                 (msg.topic, msg.partition, msg.offset),
-                seen_table.get,
+                store.lookup,
                 window_ms,
             )
             if isinstance(action, Forward):
                 seen_table[action.event_id] = encode_seen(action.first_ms)
-                await unique_topic.send(key=action.order_key, value=value)
+                await send(unique_topic, action.order_key, value)
                 stats.unique += 1
             elif isinstance(action, Drop):
                 stats.duplicates_dropped += 1
             else:
-                await dlq_topic.send(key=msg.key, value=action.value)
+                await send(dlq_topic, msg.key, action.value)
                 stats.dlq += 1
             p = msg.partition
             if record_ms > stream_ms.get(p, record_ms - 1):

@@ -22,6 +22,7 @@ import orjson
 
 from pipeline.codecs import dlq_value
 from pipeline.models import BadInput, parse_event
+from pipeline.topology import direct_send
 from tables.orders import (
     Balance,
     BalanceDelta,
@@ -33,6 +34,7 @@ from tables.orders import (
     to_store,
     transition,
 )
+from tables.store import TransactionalStore
 
 if TYPE_CHECKING:
     from faust.types import StreamT
@@ -92,15 +94,23 @@ def decide_order(
     return step
 
 
+def _store(table: Any) -> TransactionalStore:
+    store = table.data
+    assert isinstance(store, TransactionalStore)
+    return store
+
+
 def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
     table = topo.orders_table
+    lookup = _store(table).lookup
     topics = {
-        "changes": topo.changes,
-        "rejected": topo.rejected,
-        "coupons": topo.coupons,
-        "deltas": topo.deltas,
-        "dlq": topo.dlq,
+        "changes": topo.changes.get_topic_name(),
+        "rejected": topo.rejected.get_topic_name(),
+        "coupons": topo.coupons.get_topic_name(),
+        "deltas": topo.deltas.get_topic_name(),
+        "dlq": topo.dlq.get_topic_name(),
     }
+    send_to = direct_send(topo.app)
     stats = topo.app.stats
     eos = topo.app.eos
 
@@ -109,11 +119,11 @@ def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any,
             event = stream.current_event
             assert event is not None
             msg = event.message
-            step = decide_order(value, msg.key, (msg.topic, msg.partition, msg.offset), table.get)
+            step = decide_order(value, msg.key, (msg.topic, msg.partition, msg.offset), lookup)
             if step.key is not None:
                 table[step.key] = step.order
             for send in step.sends:
-                await topics[send.kind].send(key=send.key, value=send.value)
+                await send_to(topics[send.kind], send.key, send.value)
                 if send.kind == "changes":
                     stats.changes += 1
                 elif send.kind == "rejected":
@@ -150,7 +160,9 @@ def decide_balance(
 
 def make_balances_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
     table = topo.balances_table
-    dlq = topo.dlq
+    lookup = _store(table).lookup
+    dlq = topo.dlq.get_topic_name()
+    send = direct_send(topo.app)
     stats = topo.app.stats
     eos = topo.app.eos
 
@@ -159,9 +171,9 @@ def make_balances_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, An
             event = stream.current_event
             assert event is not None
             msg = event.message
-            result = decide_balance(value, (msg.topic, msg.partition, msg.offset), table.get)
+            result = decide_balance(value, (msg.topic, msg.partition, msg.offset), lookup)
             if isinstance(result, Send):
-                await dlq.send(key=result.key, value=result.value)
+                await send(dlq, result.key, result.value)
                 stats.dlq += 1
             else:
                 table[result[0]] = result[1]

@@ -837,9 +837,29 @@ class ExactlyOnceTransactionManager(TransactionManager):
                         RuntimeError("changelog partition not actively assigned"),
                     )
 
+    def _new_transactional_producer(self, tid: str) -> AIOKafkaProducer:
+        """Faust's producer settings, with batching sized to the transaction.
+
+        Records of a transaction are invisible to ``read_committed`` readers until it
+        commits, so sending them early buys no latency; it only costs requests. With
+        Faust's 5 ms linger and one producer per source partition, a profile of the dedup
+        stage found a quarter of the worker's CPU in the producers' request path (about
+        one record per request at 1,700 events/s). Here a batch lingers up to a commit
+        interval (step 3 sends whatever is left at once), and may grow to 256 kB.
+        """
+        faust_producer: Any = self.producer
+        settings = {
+            **faust_producer._settings_default(),
+            **faust_producer._settings_auth(),
+            **faust_producer._settings_extra(),
+            "linger_ms": max(5, round(float(self.app.conf.broker_commit_interval) * 1000)),
+            "max_batch_size": 256 * 1024,
+        }
+        return AIOKafkaProducer(**settings, transactional_id=tid)
+
     async def _acquire(self, tp: TP) -> None:
         tid = self.transactional_id(tp)
-        producer = self.producer._new_producer(transactional_id=tid)  # type: ignore[attr-defined]
+        producer = self._new_transactional_producer(tid)
         try:
             # start() runs InitProducerId: it fences any older producer with this id and
             # waits until that producer's open transaction is completed or aborted, so the
@@ -1067,6 +1087,10 @@ class ExactlyOnceTransactionManager(TransactionManager):
         self._at(st, Step.DRAIN)  # 3. drain
         if coord.fix("flush-before-commit"):
             pending, st.pending = st.pending, []
+            # Send the lingering batches now rather than when their linger ends. The
+            # same call commit_transaction makes first (aiokafka 0.14's accumulator):
+            # it closes the open batches, so nothing added later joins them.
+            await producer._message_accumulator.flush_for_commit()
             await asyncio.gather(*pending)
         else:
             st.pending = []

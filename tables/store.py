@@ -104,6 +104,12 @@ class TransactionalStore(RocksStore):
                 return committing[key] is not None
         return bool(super()._contains(key))
 
+    def lookup(self, key: bytes) -> bytes | None:
+        """A table read for agents: the same answer as ``table.get(key)`` (keys and values
+        are raw bytes), without the Mapping/ManagedUserDict/sensor layers in between,
+        which a profile of the dedup stage put at about 5% of its CPU."""
+        return self._get(key)
+
     def take_dirty(self, tp: TP) -> list[tuple[bytes, bytes | None]]:
         """The rows of the transaction now committing; later writes start a new overlay."""
         dirty = self._dirty.pop(tp, None)

@@ -275,7 +275,10 @@ async def test_route_by_source_on_the_repartition_hop(
     partitions. One transaction of the state machine's input is aborted (injected, as a
     broker timeout would): stock routing had put deltas of *other* partitions' events in
     it (lost) and this partition's deltas in other, committed transactions (counted
-    again on replay). Balances are then wrong; with the fix they are exact.
+    again on replay), so balances go wrong; and outputs to topics the worker does not
+    read (changes, coupons) go out in no transaction at all, so the replay duplicates
+    them. Which of these a run shows depends on timing (CI saw balances right and 14
+    changes duplicated); with the fix every output and table is exact.
     """
     count = 6000
     assert await feed(settings, count, seed=5, dup_rate=0.2, bad_rate=0.0) == count
@@ -292,8 +295,8 @@ async def test_route_by_source_on_the_repartition_hop(
     await wait_drained(settings, [worker], timeout=180)
     worker.stop()
     report = await reconcile(settings)
-    balances = next(c for c in report.checks if c.topic.endswith("users.balances-changelog"))
     if fixed:
         assert report.ok, report.render()
     else:
-        assert not balances.ok, report.render()
+        wrong = sum(c.duplicates + c.missing + c.mismatched for c in report.checks)
+        assert wrong > 0, report.render()
