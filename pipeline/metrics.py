@@ -13,12 +13,15 @@ import statistics
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from faust.sensors.monitor import Monitor
 from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from faust.types import TP
+
     from pipeline.factory import PipelineApp
 
 #: Stats field -> (metric name without ``_total``, help text)
@@ -168,6 +171,56 @@ class _AppCollector(Collector):
         yield lag
 
 
+class CachingPrometheusMonitor(PrometheusMonitor):
+    """Faust's Prometheus sensor, with its per-event labelled children looked up once.
+
+    ``PrometheusMonitor`` runs for every record: it formats and normalises the stream's
+    label (a regular expression) and looks up three labelled children, under the
+    client's lock, on each call. A profile of the dedup stage put Faust's per-event
+    sensor calls at about 9% of the worker's CPU. The hooks below update the same
+    metrics with the same names, labels and values (a unit test compares the two
+    sensors' output), through children cached per topic, partition and stream; the rest
+    of the sensor is Faust's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._by_topic: dict[str, Any] = {}
+        self._by_tp: dict[TP, Any] = {}
+        self._by_stream: dict[Any, Any] = {}
+
+    def on_message_in(self, tp: TP, offset: int, message: Any) -> None:
+        Monitor.on_message_in(self, tp, offset, message)
+        metrics = self._metrics
+        metrics.messages_received.inc()
+        metrics.active_messages.inc()
+        topic = self._by_topic.get(tp.topic)
+        if topic is None:
+            topic = self._by_topic[tp.topic] = metrics.messages_received_per_topics.labels(
+                topic=tp.topic
+            )
+        topic.inc()
+        partition = self._by_tp.get(tp)
+        if partition is None:
+            partition = self._by_tp[tp] = metrics.messages_received_per_topics_partition.labels(
+                topic=tp.topic, partition=tp.partition
+            )
+        partition.set(offset)
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: Any, event: Any) -> Any:
+        state = Monitor.on_stream_event_in(self, tp, offset, stream, event)
+        metrics = self._metrics
+        metrics.total_events.inc()
+        metrics.total_active_events.inc()
+        child = self._by_stream.get(stream)
+        if child is None:
+            child = self._by_stream[stream] = metrics.total_events_per_stream.labels(
+                stream=f"stream.{self._stream_label(stream)}.events"
+            )
+        child.inc()
+        return state
+
+
 def registry_for(app: PipelineApp) -> CollectorRegistry:
     """This app's registry: our collector, Faust's Prometheus sensor, the process."""
     registry = CollectorRegistry(auto_describe=False)
@@ -175,7 +228,7 @@ def registry_for(app: PipelineApp) -> CollectorRegistry:
     # Faust's own sensor (messages, events, commits, send latency, rebalances, ...) on
     # the same registry, under faust_*; its setup_prometheus_sensors would also add a
     # second /metrics page.
-    app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
+    app.monitor = CachingPrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
     # CPU, memory, open files, and the start time that shows restarts.
     ProcessCollector(registry=registry)
     return registry

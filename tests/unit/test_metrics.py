@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
+from typing import Any
 
 from faust.types import TP
 from prometheus_client import Histogram
@@ -136,3 +137,48 @@ def test_faust_sensor_and_process_metrics_share_the_registry() -> None:
     assert ("faust_messages_received_total", ()) in samples
     assert ("process_start_time_seconds", ()) in samples
     assert app.monitor is not None
+
+
+class _Stream:
+    """What Faust's monitors read of a stream."""
+
+    def __init__(self, label: str) -> None:
+        self.shortlabel = f"Stream: {label}"
+        self.task_owner = _Message()  # any object Faust can keep a weak reference to
+
+    def __str__(self) -> str:
+        return self.shortlabel
+
+
+class _Message:
+    time_in: float | None = None
+    time_out: float | None = None
+    time_total: float | None = None
+
+
+def test_caching_sensor_exports_what_faust_sensor_exports() -> None:
+    from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.metrics import CachingPrometheusMonitor
+
+    def run(monitor_type: type[PrometheusMonitor]) -> dict[tuple[str, Any], float]:
+        registry = CollectorRegistry(auto_describe=False)
+        monitor = monitor_type(metrics=FaustMetrics.create(registry, "faust"))
+        streams = [_Stream("Topic: orders.raw"), _Stream("Topic: orders.unique")]
+        for i in range(300):
+            tp = TP("orders.raw" if i % 3 else "orders.unique", i % 4)
+            stream = streams[i % 2]
+            monitor.on_message_in(tp, i, _Message())  # type: ignore[arg-type]
+            state = monitor.on_stream_event_in(tp, i, stream, None)  # type: ignore[arg-type]
+            monitor.on_stream_event_out(tp, i, stream, None, state)  # type: ignore[arg-type]
+        return {
+            k: v
+            for k, v in _samples(render(registry)).items()
+            # timings differ run to run; their counts must not
+            if not k[0].endswith(("_sum", "_created")) and "_bucket" not in k[0]
+        }
+
+    ours, faust = run(CachingPrometheusMonitor), run(PrometheusMonitor)
+    assert ours == faust
+    assert ours[("faust_messages_received_per_topic_total", (("topic", "orders.raw"),))] == 200
