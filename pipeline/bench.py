@@ -235,9 +235,10 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
             "commit_interval_ms": plan.commit_ms,
             "stages": stages,
             "latency_events_matched": matched,
-            "batches": "stream buffer 4096 and producer max_batch 16 kB (Faust defaults), "
-            "producer linger 5 ms (pipeline/factory.py); exactly_once: one transactional "
-            "producer per source partition",
+            "batches": "stream buffer 4096 (Faust's default); at_least_once: Faust's "
+            "producer, linger 5 ms, max_batch 16 kB; exactly_once: one transactional "
+            "producer per source partition, linger = the commit interval, max_batch "
+            "256 kB, flushed at each commit (pipeline/eos.py)",
         },
     )
 

@@ -895,6 +895,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         for store in self.coordinator.stores.get(tp.topic, ()):
             store.discard(tp)
         st = self.coordinator.partitions.pop(tp, None)
+        self.coordinator.ledger.forget(tp)  # memory only: what it knew stays true
         if st is not None:
             _fail_held(st, "the partition was released")
         if producer is not None:

@@ -109,6 +109,10 @@ async def test_dashboard_shows_live_counters_and_looks_up_state(
     peak = await page.locator("#chart-scale").inner_text()
     assert int(peak.split()[1]) > 0, peak
     await expect(page.locator("#line")).to_have_attribute("points", re.compile(r"\d+,\d"))
+    # The lookups below compare two reads of the same state: let the later stages (state
+    # machine, balances) finish the new traffic first (seen: a balance that moved between
+    # the view read here and the page's read).
+    await wait_drained(s, [worker], timeout=150)
 
     # Lookups go through the views; the page shows their status and body.
     await page.fill("#order-id", "o1")

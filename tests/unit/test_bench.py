@@ -87,3 +87,27 @@ def test_outbox_table_reports_median_min_max() -> None:
     assert "on postgresql (1000 rows per run)" in text
     assert "| outbox relay | 1000 | 900 | 1100 |" in text
     assert "| sink | 2000 | 1000 | 3000 |" in text
+
+
+def test_profile_breakdown_attributes_each_sample_once() -> None:
+    from pipeline.bench_profile import breakdown
+
+    raw = "\n".join(
+        [
+            "main;Agent._execute_actor;make_agent.<locals>.dedup;decide_record (a.py:1) 30",
+            "main;Agent._execute_actor;Coordinator.each (eos.py:9);Stream._c_aiter (s.py:1) 20",
+            "Thread._bootstrap (threading.py:1);EpollSelector.select (selectors.py:468) 40",
+            "main;BaseEventLoop._run_once;EpollSelector.select (selectors.py:468) 5",
+            "main;something_else (x.py:1) 5",
+            "not a sample line",
+        ]
+    )
+    shares = dict(breakdown(raw))
+    assert shares == {
+        "consumer thread": 0.4,
+        "agent: pure decision": 0.3,
+        "stream iteration (Faust, EOS admission)": 0.2,
+        "idle (event loop waiting)": 0.05,
+        "other": 0.05,
+    }
+    assert breakdown("") == []
