@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.codecs import dlq_value
 from pipeline.models import BadInput, parse_event
-from pipeline.topology import direct_send
+from pipeline.sending import direct_send
 from tables.dedup import decide, decode_seen, encode_seen, expired
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import orjson
 
 from pipeline.codecs import dlq_value
 from pipeline.models import BadInput, parse_event
-from pipeline.topology import direct_send
+from pipeline.sending import direct_send
 from tables.orders import (
     Balance,
     BalanceDelta,

@@ -111,3 +111,25 @@ def test_profile_breakdown_attributes_each_sample_once() -> None:
         "other": 0.05,
     }
     assert breakdown("") == []
+
+
+def test_the_quix_peer_imports_without_faust() -> None:
+    """bench_quix runs in an environment of its own, without Faust: the pure decision it
+    shares with our agent must import without it (a bench run once lost its Quix figures
+    to an agent module importing Faust at import time)."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('faust', 'mode', 'aiokafka'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import pipeline.bench_quix\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
