@@ -1337,6 +1337,15 @@ class SettlingConsumer(AiokafkaConsumer):
 class LedgerConsumerThread(AIOKafkaConsumerThread):
     """Faust's consumer thread, telling the coordinator's ledger what each fetch held."""
 
+    #: seeks made through :meth:`seek`, which Faust calls from the event loop's thread
+    _seeks = 0
+
+    def seek(self, partition: TP, offset: int) -> None:
+        # Counted before the position moves, so a fetch that may have read a position
+        # moved by this seek sees the count change (see _fetch_records).
+        self._seeks += 1
+        super().seek(partition, offset)
+
     async def _fetch_records(
         self,
         consumer: Any,
@@ -1344,22 +1353,30 @@ class LedgerConsumerThread(AIOKafkaConsumerThread):
         timeout: float | None = None,
         max_records: int | None = None,
     ) -> Any:
+        seeks = self._seeks
         records = await super()._fetch_records(
             consumer, active_partitions, timeout=timeout, max_records=max_records
         )
-        # No await since the fetcher handed the records out, so the positions read here
-        # are the ones right after them (a seek cannot have run in between).
         eos = self.app.eos  # type: ignore[attr-defined]
-        if records and eos.enabled:
-            assignment = consumer._fetcher._subscriptions.subscription
-            assignment = assignment.assignment if assignment is not None else None
-            for tp, batch in records.items():
-                if not batch or tp.topic not in eos.sources or assignment is None:
-                    continue
-                state = assignment.state_value(tp)
-                if state is None or not state.has_valid_position:
-                    continue
-                eos.ledger.note(
-                    TP(tp.topic, tp.partition), [r.offset for r in batch], state.position
-                )
+        if not records or not eos.enabled:
+            return records
+        # No await since the fetcher handed the records out, so no seek from this
+        # thread's loop ran in between; Faust's direct seek from the other thread is
+        # caught by the count, read after the positions.
+        subscription = consumer._fetcher._subscriptions.subscription
+        assignment = subscription.assignment if subscription is not None else None
+        if assignment is None:
+            return records
+        notes: list[tuple[TP, list[int], int]] = []
+        for tp, batch in records.items():
+            if not batch or tp.topic not in eos.sources:
+                continue
+            state = assignment.state_value(tp)
+            if state is None or not state.has_valid_position:
+                continue
+            notes.append((TP(tp.topic, tp.partition), [r.offset for r in batch], state.position))
+        if self._seeks != seeks:
+            return records  # a position may be a seek target: learn nothing from this fetch
+        for tp, offsets, position in notes:
+            eos.ledger.note(tp, offsets, position)
         return records
