@@ -9,6 +9,8 @@ ledger answers must be the true answer; it may only decline (``None``).
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
+from typing import Any
 
 from faust.types import TP
 from hypothesis import given
@@ -109,3 +111,51 @@ def test_every_answer_is_the_truth(
             answer = ledger.first_at_or_after(TP0, q)
             if answer is not None:
                 assert answer == truth({o for o in committed if o < hi}, q)
+
+
+class _Record:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+async def test_the_consumer_thread_notes_fetches_and_skips_those_a_seek_overlapped(
+    monkeypatch: Any,
+) -> None:
+    """What Faust's consumer thread hands out is noted with the position after it, except
+    when Faust seeked (from the event loop's thread) while the fetch was handed out:
+    then a position read may be the seek's target, and nothing is learnt."""
+    from aiokafka import TopicPartition
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    from pipeline.eos import Coordinator, LedgerConsumerThread
+    from pipeline.settings import Settings
+
+    coord = Coordinator(Settings(app_id="t"))
+    coord.register_source(TP0.topic)
+    thread = LedgerConsumerThread.__new__(LedgerConsumerThread)
+    thread.__dict__["app"] = SimpleNamespace(eos=coord)
+    position = SimpleNamespace(has_valid_position=True, position=0)
+    subscription = SimpleNamespace(assignment=SimpleNamespace(state_value=lambda tp: position))
+    consumer = SimpleNamespace(
+        _fetcher=SimpleNamespace(_subscriptions=SimpleNamespace(subscription=subscription))
+    )
+    fetches: list[tuple[list[int], int, bool]] = [
+        ([0, 1, 2], 4, False),  # offset 3: a commit marker
+        ([4, 5], 7, False),
+        ([7, 9], 50, True),  # a seek to 50 lands while these are handed out
+    ]
+
+    async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        offsets, after, seek = fetches.pop(0)
+        position.position = after
+        if seek:
+            self.seek(TopicPartition(TP0.topic, TP0.partition), after)
+        return {TopicPartition(TP0.topic, TP0.partition): [_Record(o) for o in offsets]}
+
+    monkeypatch.setattr(AIOKafkaConsumerThread, "_fetch_records", fetch)
+    monkeypatch.setattr(AIOKafkaConsumerThread, "seek", lambda self, tp, offset: None)
+    for _ in range(3):
+        await thread._fetch_records(consumer, set())
+    assert coord.ledger.first_at_or_after(TP0, 3) == 4  # the marker, known from the fetch
+    assert coord.ledger.first_at_or_after(TP0, 6) is None  # 7.. never noted: ask the broker
+    assert coord.ledger.first_at_or_after(TP0, 20) is None
