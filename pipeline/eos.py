@@ -151,8 +151,9 @@ def fatal(message: str, exc: BaseException | None = None) -> None:
 
 
 @dataclass(slots=True)
-class HeldSend:
-    """A send made while its partition's previous transaction commits."""
+class OutRecord:
+    """A record sent in a source partition's transaction; ``future`` is set while it is
+    held (made while the partition's previous transaction commits)."""
 
     topic: str
     key: bytes | None
@@ -160,7 +161,7 @@ class HeldSend:
     partition: int | None
     timestamp_ms: int | None
     headers: list[tuple[str, bytes]] | None
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None = None
 
 
 @dataclass
@@ -182,7 +183,7 @@ class PartitionState:
     #: between a commit's snapshot and its next ``begin``, sends wait here (see
     #: ExactlyOnceTransactionManager._commit_tp) instead of entering the committing one
     holding: bool = False
-    held: list[HeldSend] = field(default_factory=list)
+    held: list[OutRecord] = field(default_factory=list)
 
     @property
     def has_progress(self) -> bool:
@@ -971,23 +972,19 @@ class ExactlyOnceTransactionManager(TransactionManager):
             fatal(f"no transaction open for {tp} (partition not assigned to this worker)")
             raise AssertionError("unreachable")
         st = self.coordinator.state(tp)
-        timestamp_ms = int(timestamp * 1000) if timestamp else None
-        if st.holding:
-            held: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            st.held.append(
-                HeldSend(topic, key, value, partition, timestamp_ms, _headers(headers), held)
-            )
-            return held
-        fut = await producer.send(
+        record = OutRecord(
             topic,
-            value=value,
-            key=key,
-            partition=partition,
-            timestamp_ms=timestamp_ms,
-            headers=_headers(headers),
+            key,
+            value,
+            partition,
+            int(timestamp * 1000) if timestamp else None,
+            _headers(headers),
         )
-        st.pending.append(fut)
-        return fut
+        if st.holding:
+            record.future = asyncio.get_running_loop().create_future()
+            st.held.append(record)
+            return record.future
+        return await _produce(producer, st, record)
 
     async def send_and_wait(
         self,
@@ -1137,19 +1134,27 @@ class ExactlyOnceTransactionManager(TransactionManager):
         """Send what was held during the commit into the transaction just begun."""
         while st.held:
             batch, st.held = st.held, []
-            for h in batch:
-                fut = await producer.send(
-                    h.topic,
-                    value=h.value,
-                    key=h.key,
-                    partition=h.partition,
-                    timestamp_ms=h.timestamp_ms,
-                    headers=h.headers,
-                )
-                st.pending.append(fut)
-                _chain(fut, h.future)
+            for record in batch:
+                assert record.future is not None
+                _chain(await _produce(producer, st, record), record.future)
         # No await since the loop saw the list empty: nothing can be held in between.
         st.holding = False
+
+
+async def _produce(
+    producer: AIOKafkaProducer, st: PartitionState, record: OutRecord
+) -> asyncio.Future[Any]:
+    """Hand ``record`` to the transaction's producer; step 3 awaits what this returns."""
+    fut: asyncio.Future[Any] = await producer.send(
+        record.topic,
+        value=record.value,
+        key=record.key,
+        partition=record.partition,
+        timestamp_ms=record.timestamp_ms,
+        headers=record.headers,
+    )
+    st.pending.append(fut)
+    return fut
 
 
 def _fail_held(st: PartitionState, why: str) -> None:
@@ -1157,7 +1162,7 @@ def _fail_held(st: PartitionState, why: str) -> None:
     are processed again by the partition's next owner (or by this worker, re-assigned)."""
     held, st.held, st.holding = st.held, [], False
     for h in held:
-        if not h.future.done():
+        if h.future is not None and not h.future.done():
             h.future.set_exception(RuntimeError(f"not sent: {why} before its commit"))
 
 
