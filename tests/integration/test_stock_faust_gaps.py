@@ -287,7 +287,7 @@ async def test_route_by_source_on_the_repartition_hop(
     worker.start(
         PIPELINE_FAIL_AT=Step.COMMIT.value,
         PIPELINE_FAIL_TOPIC=settings.topic_unique,
-        PIPELINE_CRASH_AFTER="30",
+        PIPELINE_CRASH_AFTER="6",
     )
     code = await asyncio.to_thread(worker.wait_exit, 120)
     assert code == EXIT_COMMIT_FAILED, worker.log_tail()
