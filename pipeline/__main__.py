@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="runs per system; median reported (3)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated systems to run (default all): raw, dedup-alo, dedup-eos,"
+        " full-alo, full-eos, quix, kafka",
+    )
+    p.add_argument(
         "--db",
         default=None,
         help="also measure the outbox relay and the sink on this database (SQLAlchemy URL;"

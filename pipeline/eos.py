@@ -65,6 +65,12 @@ serves all its partitions in turn, go on while a partition's commit waits on the
 it keeps each transaction exactly the events up to its offset, and each key's records in
 processing order, since held records reach the log only after the previous transaction's.
 
+When commits happen: every ``commit_interval_s`` while there is progress; when the
+agents have gone quiet (nothing finished for ``commit_quiet_s``) with progress pending,
+at once, so that at a trickle an output is visible one commit after its event was
+processed rather than up to an interval later, at every hop; at a revoke; and at stop.
+Under a backlog the agents are never quiet and the interval alone applies.
+
 A crash anywhere before step 5 completes aborts the transaction (the broker aborts it
 when the restarted worker's producer with the same ``transactional.id`` initialises, or
 on timeout); the events are read again from the last committed offsets.
@@ -77,6 +83,7 @@ import bisect
 import logging
 import os
 import sys
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -304,6 +311,14 @@ class Coordinator:
         self._offsets_reader: Any = None
         self._reseek_task: asyncio.Future[None] | None = None
         self.commit_seconds: list[float] = []
+        #: loop time at which an agent last finished an event (see :meth:`wait_quiet`)
+        self.last_done = 0.0
+        #: set when an event finishes; the commit loop clears it when it has waited for one
+        self.activity = asyncio.Event()
+        #: the event loop's clock, bound once (looked up per event otherwise)
+        self._clock: Callable[[], float] = time.monotonic
+        #: commits started because the agents went quiet, before the interval was up
+        self.quiet_commits = 0
         # Exported through /metrics (pipeline.metrics); unregistered here, so that two
         # apps in one process (tests) keep separate histograms.
         self.commit_histogram = Histogram(
@@ -553,9 +568,6 @@ class Coordinator:
         except Exception as exc:  # revoked meanwhile: the next settle seeks again
             log.info("seek after settling failed: %r", exc)
 
-    def delivered(self, st: PartitionState) -> None:
-        st.last_delivery = asyncio.get_running_loop().time()
-
     async def _liveness(self) -> None:
         """Un-stall partitions that Faust stopped delivering while records are waiting.
 
@@ -667,7 +679,7 @@ class Coordinator:
         """
         message = event.message
         tp = message.tp
-        self.delivered(st)
+        st.last_delivery = self._clock()
         offset = message.offset
         expected = st.expected
         if expected is not None and offset != expected:
@@ -741,6 +753,8 @@ class Coordinator:
                 yield value
             return
         quiesce = self.fix("quiesce")
+        now = self._clock = asyncio.get_running_loop().time
+        activity = self.activity
         async for value in stream:
             event = stream.current_event
             assert event is not None
@@ -756,12 +770,43 @@ class Coordinator:
                 if await self._admit(event, st, epoch):
                     yield value
                     st.processed = event.message.offset
+                    self.last_done = now()
+                    activity.set()
                 continue
             async with st.gate:
                 if not await self._admit(event, st, epoch):
                     continue
                 yield value
                 st.processed = event.message.offset
+            self.last_done = now()
+            activity.set()
+
+    async def wait_quiet(self, quiet_s: float, deadline: float) -> bool:
+        """Wait until the agents finished an event and then got nothing new for
+        ``quiet_s``, or until ``deadline`` (loop time). True if they went quiet.
+
+        Under a backlog the agents are never quiet and commits keep to the interval; at a
+        trickle, an event's transaction commits a few milliseconds after it was processed
+        instead of waiting out the rest of the interval, once per hop.
+        """
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        if not self.activity.is_set():
+            try:
+                await asyncio.wait_for(self.activity.wait(), remaining)
+            except TimeoutError:
+                return False
+        self.activity.clear()
+        while True:
+            now = loop.time()
+            quiet_for = now - self.last_done
+            if quiet_for >= quiet_s:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(quiet_s - quiet_for, deadline - now))
 
 
 class ExactlyOnceTransactionManager(TransactionManager):
@@ -920,8 +965,16 @@ class ExactlyOnceTransactionManager(TransactionManager):
         """
         interval = float(self.app.conf.broker_commit_interval)
         coord = self.coordinator
+        quiet_s = coord.settings.commit_quiet_s
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval)
+            deadline = loop.time() + interval
+            if quiet_s > 0 and await coord.wait_quiet(quiet_s, deadline):
+                if coord.settled and any(st.has_progress for st in coord.partitions.values()):
+                    coord.quiet_commits += 1
+                    await self.commit({})
+                continue
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
             if coord.settled and any(st.has_progress for st in coord.partitions.values()):
                 await self.commit({})
 
@@ -984,7 +1037,31 @@ class ExactlyOnceTransactionManager(TransactionManager):
             record.future = asyncio.get_running_loop().create_future()
             st.held.append(record)
             return record.future
+        if not st.pending:
+            self._add_changelogs_early(producer, tp, st)
         return await _produce(producer, st, record)
+
+    def _add_changelogs_early(self, producer: AIOKafkaProducer, tp: TP, st: PartitionState) -> None:
+        """At a transaction's first send, register its changelog partitions with it too.
+
+        aiokafka adds a partition to the transaction (AddPartitionsToTxn, a round trip to
+        the coordinator) when the first record for it is queued; the changelog rows are
+        queued only at commit step 2, so each transaction paid a second AddPartitionsToTxn
+        in its commit path. Queued in the same step of the loop as the first output, both
+        go in one request. Only a store that has already written in this transaction
+        counts: its rows are certain to go to that changelog partition at step 2, so no
+        partition joins a transaction it does not write. ``_txn_manager`` is aiokafka's
+        (pinned <0.15) own hook for this; ``send`` calls the same method.
+        """
+        stores = self.coordinator.stores.get(tp.topic)
+        if not stores:
+            return
+        txn = producer._txn_manager
+        for store in stores:
+            if store.has_dirty(tp):
+                txn.maybe_add_partition_to_txn(
+                    TopicPartition(store.changelog_topic_name, tp.partition)
+                )
 
     async def send_and_wait(
         self,
@@ -1059,7 +1136,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
             return
         try:
             await producer.begin_transaction()
-            await self._send_held(producer, self.coordinator.state(tp))
+            await self._send_held(producer, tp, self.coordinator.state(tp))
         except Exception as exc:
             log.error("begin of %s failed (swallowed, fix disabled): %r", tp, exc)
 
@@ -1127,15 +1204,17 @@ class ExactlyOnceTransactionManager(TransactionManager):
 
         self._at(st, Step.BEGIN)  # 7. begin
         await producer.begin_transaction()
-        await self._send_held(producer, st)
+        await self._send_held(producer, tp, st)
         st.step = ""
 
-    async def _send_held(self, producer: AIOKafkaProducer, st: PartitionState) -> None:
+    async def _send_held(self, producer: AIOKafkaProducer, tp: TP, st: PartitionState) -> None:
         """Send what was held during the commit into the transaction just begun."""
         while st.held:
             batch, st.held = st.held, []
             for record in batch:
                 assert record.future is not None
+                if not st.pending:
+                    self._add_changelogs_early(producer, tp, st)
                 _chain(await _produce(producer, st, record), record.future)
         # No await since the loop saw the list empty: nothing can be held in between.
         st.holding = False
@@ -1266,7 +1345,15 @@ class SettlingConsumer(AiokafkaConsumer):
         if not isinstance(first, _Delivery):
             return await super().wait_first(*coros, timeout=timeout)
         rest = coros[1:]
-        if not self._delivers_at_once(first.message):
+        blocker = self._blocker(first.message)
+        if blocker == "stream buffer":
+            # Under a backlog the agent is the bottleneck and its buffer stays full: each
+            # record would then take the slow path, its delivery waking with each record
+            # the agent takes. Wait instead, once, until the buffer has drained to
+            # Faust's own low-water mark (40%), and deliver the next records at once.
+            await self._wait_for_room(first.message)
+            blocker = self._blocker(first.message)
+        if blocker is not None:
             return await super().wait_first(first.coro, *rest, timeout=timeout)
         for other in rest:
             if asyncio.iscoroutine(other):
@@ -1274,25 +1361,39 @@ class SettlingConsumer(AiokafkaConsumer):
         result = await first.coro
         return WaitResults([first], [result], False)
 
-    def _delivers_at_once(self, message: Any) -> bool:
-        """Whether the conductor's delivery of ``message`` completes without waiting.
+    def _blocker(self, message: Any) -> str | None:
+        """What the conductor's delivery of ``message`` would wait for; None: nothing.
 
         It waits only for: Faust's flow control (rebalances), its subscription lock, a
         full producer buffer, or a full stream buffer of a channel reading ``message``'s
-        partition. None of these may hold.
+        partition.
         """
         if self.suspend_flow.is_set() or self.should_stop:
-            return False
+            return "suspended"
         app = self.app
         if not app.flow_control.is_active():
-            return False
+            return "flow control"
         conductor: Any = app.topics
         if conductor._tp_to_callback_lock.locked():
-            return False
+            return "subscription"
         buffer = app.producer.buffer
         if buffer.size > buffer.max_messages:
-            return False
-        return all(not chan.queue.full() for chan in conductor._tp_index.get(message.tp, ()))
+            return "producer buffer"
+        for chan in conductor._tp_index.get(message.tp, ()):
+            if chan.queue.full():
+                return "stream buffer"
+        return None
+
+    async def _wait_for_room(self, message: Any, poll_s: float = 0.005) -> None:
+        """Until every stream buffer reading ``message``'s partition is down to its
+        pressure-drop size, or a rebalance or stop begins (then the caller takes Faust's
+        interruptible path). Polled: the agent still has 40% of a buffer to work through
+        when this returns, so a few milliseconds of lateness never starve it."""
+        chans = list(self.app.topics._tp_index.get(message.tp, ()))  # type: ignore[attr-defined]
+        while not (self.suspend_flow.is_set() or self.should_stop):
+            if all(chan.queue.qsize() <= chan.queue.pressure_drop_size for chan in chans):
+                return
+            await asyncio.sleep(poll_s)
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)

@@ -69,6 +69,11 @@ class _AppCollector(Collector):
             "pipeline_commits", "Commit rounds (one transaction per partition)", value=eos.commits
         )
         yield CounterMetricFamily(
+            "pipeline_quiet_commits",
+            "Commit rounds started early because the agents had gone quiet",
+            value=eos.quiet_commits,
+        )
+        yield CounterMetricFamily(
             "pipeline_deliveries_skipped",
             "Deliveries skipped by the exactly-once admission (stale or early copies)",
             value=eos.skipped,
@@ -188,6 +193,8 @@ class CachingPrometheusMonitor(PrometheusMonitor):
         self._by_topic: dict[str, Any] = {}
         self._by_tp: dict[TP, Any] = {}
         self._by_stream: dict[Any, Any] = {}
+        self._by_table_op: dict[tuple[str, str], Any] = {}
+        self._end_by_tp: dict[TP, Any] = {}
 
     def on_message_in(self, tp: TP, offset: int, message: Any) -> None:
         Monitor.on_message_in(self, tp, offset, message)
@@ -219,6 +226,39 @@ class CachingPrometheusMonitor(PrometheusMonitor):
             )
         child.inc()
         return state
+
+    def _table_op(self, table: Any, operation: str) -> Any:
+        key = (table.name, operation)
+        child = self._by_table_op.get(key)
+        if child is None:
+            child = self._by_table_op[key] = self._metrics.table_operations.labels(
+                table=f"table.{table.name}", operation=operation
+            )
+        return child
+
+    # The table hooks run for every read and write through a Table; Monitor's part
+    # keeps its own per-table counters, as in Faust's sensor.
+    def on_table_get(self, table: Any, key: Any) -> None:
+        Monitor.on_table_get(self, table, key)
+        self._table_op(table, self.KEYS_RETRIEVED).inc()
+
+    def on_table_set(self, table: Any, key: Any, value: Any) -> None:
+        Monitor.on_table_set(self, table, key, value)
+        self._table_op(table, self.KEYS_UPDATED).inc()
+
+    def on_table_del(self, table: Any, key: Any) -> None:
+        Monitor.on_table_del(self, table, key)
+        self._table_op(table, self.KEYS_DELETED).inc()
+
+    def track_tp_end_offset(self, tp: TP, offset: int) -> None:
+        # Called for every partition of every fetch batch.
+        Monitor.track_tp_end_offset(self, tp, offset)
+        child = self._end_by_tp.get(tp)
+        if child is None:
+            child = self._end_by_tp[tp] = self._metrics.topic_partition_end_offset.labels(
+                topic=tp.topic, partition=tp.partition
+            )
+        child.set(offset)
 
 
 def registry_for(app: PipelineApp) -> CollectorRegistry:

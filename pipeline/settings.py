@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     #: Transactions are committed at most this often (seconds). Lower means lower end-to-end
     #: latency and more commit overhead.
     commit_interval_s: float = Field(default=0.1, gt=0)
+    #: Commit sooner, when the agents have had nothing to process for this long
+    #: (seconds): at a trickle an event then waits one commit per hop, not the rest of
+    #: the interval. Under a backlog they are never quiet, and the interval applies.
+    #: 0 turns it off.
+    commit_quiet_s: float = Field(default=0.005, ge=0)
     #: Upper bound on rows one sweep of the dedup window may look at (bounded work).
     expiry_batch: int = Field(default=500, ge=1)
     #: A partition's expired ids are swept after this many of its records.

@@ -133,3 +133,12 @@ def test_the_quix_peer_imports_without_faust() -> None:
         [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_only_selects_systems_by_key() -> None:
+    from pipeline.bench import DEDUP, QUIX, selected
+
+    assert selected(None) is None
+    assert selected("dedup-eos, quix") == {DEDUP.format("exactly_once"), QUIX}
+    with pytest.raises(SystemExit, match="unknown"):
+        selected("dedup-eos,nope")

@@ -31,6 +31,7 @@ def _app() -> SimpleNamespace:
     raw0, raw1, u0 = TP("orders.raw", 0), TP("orders.raw", 1), TP("u", 0)
     eos = SimpleNamespace(
         commits=4,
+        quiet_commits=3,
         skipped=5,
         reseeks=1,
         unstalls=0,
@@ -70,6 +71,7 @@ def test_metrics_read_the_live_objects_at_scrape_time() -> None:
     assert first[("pipeline_events_seen_total", ())] == 10
     assert first[("pipeline_dead_letters_total", ())] == 1
     assert first[("pipeline_commits_total", ())] == 4
+    assert first[("pipeline_quiet_commits_total", ())] == 3
     assert first[("pipeline_commit_seconds", (("quantile", "0.5"),))] == 0.02
     assert first[("pipeline_commit_seconds", (("quantile", "1"),))] == 0.03
     assert first[("pipeline_owned_partitions", (("topic", "orders.raw"),))] == 2
@@ -166,12 +168,20 @@ def test_caching_sensor_exports_what_faust_sensor_exports() -> None:
         registry = CollectorRegistry(auto_describe=False)
         monitor = monitor_type(metrics=FaustMetrics.create(registry, "faust"))
         streams = [_Stream("Topic: orders.raw"), _Stream("Topic: orders.unique")]
+        tables = [SimpleNamespace(name="dedup"), SimpleNamespace(name="orders")]
         for i in range(300):
             tp = TP("orders.raw" if i % 3 else "orders.unique", i % 4)
             stream = streams[i % 2]
             monitor.on_message_in(tp, i, _Message())  # type: ignore[arg-type]
             state = monitor.on_stream_event_in(tp, i, stream, None)  # type: ignore[arg-type]
             monitor.on_stream_event_out(tp, i, stream, None, state)  # type: ignore[arg-type]
+            monitor.track_tp_end_offset(tp, i + 10)
+            table = tables[i % 2]
+            monitor.on_table_get(table, i)  # type: ignore[arg-type]
+            if i % 5 == 0:
+                monitor.on_table_set(table, i, i)  # type: ignore[arg-type]
+            if i % 7 == 0:
+                monitor.on_table_del(table, i)  # type: ignore[arg-type]
         return {
             k: v
             for k, v in _samples(render(registry)).items()
@@ -182,3 +192,13 @@ def test_caching_sensor_exports_what_faust_sensor_exports() -> None:
     ours, faust = run(CachingPrometheusMonitor), run(PrometheusMonitor)
     assert ours == faust
     assert ours[("faust_messages_received_per_topic_total", (("topic", "orders.raw"),))] == 200
+    assert (
+        ours[
+            (
+                "faust_table_operations_total",
+                (("operation", "keys_updated"), ("table", "table.dedup")),
+            )
+        ]
+        == 30
+    )
+    assert ours[("faust_topic_partition_end_offset", (("partition", "3"), ("topic", "orders.raw")))]

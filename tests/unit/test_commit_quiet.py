@@ -1,0 +1,99 @@
+"""Early commits when the agents go quiet (``Coordinator.wait_quiet``), without a broker."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pipeline.eos import Coordinator
+from pipeline.settings import Settings
+from tests.unit.test_eos_admission import TP0, Stream, ev, make
+
+
+async def test_no_event_means_no_early_commit() -> None:
+    coord = Coordinator(Settings())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert not await coord.wait_quiet(0.005, started + 0.05)
+    assert loop.time() - started >= 0.05
+
+
+async def test_quiet_after_an_event_commits_before_the_interval() -> None:
+    coord = Coordinator(Settings())
+    loop = asyncio.get_running_loop()
+    coord.last_done = loop.time()
+    coord.activity.set()
+    started = loop.time()
+    assert await coord.wait_quiet(0.005, started + 1.0)
+    waited = loop.time() - started
+    assert 0.004 <= waited < 0.5
+    # The event has been waited for: the next call needs new activity.
+    assert not coord.activity.is_set()
+    assert not await coord.wait_quiet(0.005, loop.time() + 0.03)
+
+
+async def test_a_busy_stream_is_never_quiet() -> None:
+    coord = Coordinator(Settings())
+    loop = asyncio.get_running_loop()
+
+    async def busy() -> None:
+        while True:
+            coord.last_done = loop.time()
+            coord.activity.set()
+            await asyncio.sleep(0.001)
+
+    task = asyncio.ensure_future(busy())
+    try:
+        started = loop.time()
+        assert not await coord.wait_quiet(0.02, started + 0.2)
+        assert loop.time() - started >= 0.2
+    finally:
+        task.cancel()
+
+
+async def test_activity_during_the_wait_pushes_the_quiet_point() -> None:
+    coord = Coordinator(Settings())
+    loop = asyncio.get_running_loop()
+    coord.last_done = loop.time()
+    coord.activity.set()
+
+    async def one_more() -> None:
+        await asyncio.sleep(0.01)
+        coord.last_done = loop.time()
+
+    started = loop.time()
+    task = asyncio.ensure_future(one_more())
+    assert await coord.wait_quiet(0.02, started + 1.0)
+    await task
+    assert loop.time() - started >= 0.03 - 0.002
+
+
+def test_each_marks_processed_events_as_activity() -> None:
+    coord, _ = make({0, 1, 2}, committed=0)
+    assert not coord.activity.is_set()
+
+    async def go() -> list[int]:
+        stream = Stream()
+        stream.put(ev(0), ev(1))
+        stream.queue.put_nowait(None)
+        out = []
+        async for value in coord.each(stream):  # type: ignore[arg-type]
+            out.append(value)
+        return out
+
+    assert asyncio.run(go()) == [0, 1]
+    assert coord.activity.is_set()
+    assert coord.last_done > 0
+    assert coord.partitions[TP0].processed == 1
+
+
+def test_stale_deliveries_are_not_activity() -> None:
+    coord, _ = make({0, 1, 2}, committed=2)
+
+    async def go() -> list[int]:
+        stream = Stream()
+        stream.put(ev(0), ev(1))  # below the committed offset: skipped
+        stream.queue.put_nowait(None)
+        return [v async for v in coord.each(stream)]  # type: ignore[arg-type]
+
+    assert asyncio.run(go()) == []
+    assert not coord.activity.is_set()
