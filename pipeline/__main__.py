@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="exactly_once against at_least_once, the raw aiokafka loop, Quix and Kafka's"
         " perf tools: throughput, latency, CPU, RSS (docs/benchmarks.md)",
     )
-    p.add_argument("--count", type=int, default=20_000, help="events per run (20000)")
+    p.add_argument(
+        "--count", type=int, default=200_000, help="events per run (200000; --quick: 5000)"
+    )
     p.add_argument("--quick", action="store_true", help="a short run (5000 events, 1 run)")
     p.add_argument("--runs", type=int, default=3, help="runs per system; median reported (3)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
