@@ -969,13 +969,12 @@ class ExactlyOnceTransactionManager(TransactionManager):
         loop = asyncio.get_running_loop()
         while True:
             deadline = loop.time() + interval
-            if quiet_s > 0 and await coord.wait_quiet(quiet_s, deadline):
-                if coord.settled and any(st.has_progress for st in coord.partitions.values()):
-                    coord.quiet_commits += 1
-                    await self.commit({})
-                continue
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            quiet = quiet_s > 0 and await coord.wait_quiet(quiet_s, deadline)
+            if not quiet:
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
             if coord.settled and any(st.has_progress for st in coord.partitions.values()):
+                if quiet:
+                    coord.quiet_commits += 1
                 await self.commit({})
 
     async def on_stop(self) -> None:
@@ -1037,11 +1036,26 @@ class ExactlyOnceTransactionManager(TransactionManager):
             record.future = asyncio.get_running_loop().create_future()
             st.held.append(record)
             return record.future
-        if not st.pending:
-            self._add_changelogs_early(producer, tp, st)
-        return await _produce(producer, st, record)
+        return await self._produce(producer, tp, st, record)
 
-    def _add_changelogs_early(self, producer: AIOKafkaProducer, tp: TP, st: PartitionState) -> None:
+    async def _produce(
+        self, producer: AIOKafkaProducer, tp: TP, st: PartitionState, record: OutRecord
+    ) -> asyncio.Future[Any]:
+        """Hand ``record`` to ``tp``'s transaction; step 3 awaits what this returns."""
+        if not st.pending:  # the transaction's first record
+            self._add_changelogs_early(producer, tp)
+        fut: asyncio.Future[Any] = await producer.send(
+            record.topic,
+            value=record.value,
+            key=record.key,
+            partition=record.partition,
+            timestamp_ms=record.timestamp_ms,
+            headers=record.headers,
+        )
+        st.pending.append(fut)
+        return fut
+
+    def _add_changelogs_early(self, producer: AIOKafkaProducer, tp: TP) -> None:
         """At a transaction's first send, register its changelog partitions with it too.
 
         aiokafka adds a partition to the transaction (AddPartitionsToTxn, a round trip to
@@ -1213,27 +1227,9 @@ class ExactlyOnceTransactionManager(TransactionManager):
             batch, st.held = st.held, []
             for record in batch:
                 assert record.future is not None
-                if not st.pending:
-                    self._add_changelogs_early(producer, tp, st)
-                _chain(await _produce(producer, st, record), record.future)
+                _chain(await self._produce(producer, tp, st, record), record.future)
         # No await since the loop saw the list empty: nothing can be held in between.
         st.holding = False
-
-
-async def _produce(
-    producer: AIOKafkaProducer, st: PartitionState, record: OutRecord
-) -> asyncio.Future[Any]:
-    """Hand ``record`` to the transaction's producer; step 3 awaits what this returns."""
-    fut: asyncio.Future[Any] = await producer.send(
-        record.topic,
-        value=record.value,
-        key=record.key,
-        partition=record.partition,
-        timestamp_ms=record.timestamp_ms,
-        headers=record.headers,
-    )
-    st.pending.append(fut)
-    return fut
 
 
 def _fail_held(st: PartitionState, why: str) -> None:
