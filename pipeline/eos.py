@@ -16,7 +16,9 @@ show the gap is real; ``PIPELINE_DISABLE_FIX=name,...`` turns fixes off):
     of an aborted transaction (an id marked as seen whose output never committed: that
     event is then lost). Here table writes stay in a per-partition overlay and reach
     RocksDB only after the Kafka transaction committed, in one write batch together
-    with the changelog offset they correspond to.
+    with the changelog offset they correspond to. The state of a partition taken over
+    is restored by :meth:`Coordinator.restore` with a consumer of its own, not by
+    Faust's recovery, whose reads through the shared consumer can skip a range.
 ``fatal-commit``
     Commit, begin and abort errors other than ``ProducerFenced`` are logged and
     swallowed; the worker goes on with a broken transaction. Here any failure in the
@@ -308,6 +310,15 @@ class Coordinator:
         self.ledger_answers = 0
         self.broker_checks = 0
         self._settling: asyncio.Future[None] | None = None
+        #: changelog topics of transactional stores (see :meth:`restores_changelog`)
+        self._changelog_names: set[str] = set()
+        self._restorer: Any = None
+        self._restore_lock = asyncio.Lock()
+        #: per owned changelog partition, records still to restore (for /metrics)
+        self.restore_remaining: dict[TP, int] = {}
+        self.restored_records = 0
+        #: called once processing may start after a rebalance (recovery duration metric)
+        self.on_settled: Callable[[], None] | None = None
         self._offsets_reader: Any = None
         self._reseek_task: asyncio.Future[None] | None = None
         self.commit_seconds: list[float] = []
@@ -343,6 +354,8 @@ class Coordinator:
 
     def register_store(self, source_topic: str, store: TransactionalStore) -> None:
         self.stores.setdefault(source_topic, []).append(store)
+        if store.transactional:
+            self._changelog_names.add(store.changelog_topic_name)
 
     def state(self, tp: TP) -> PartitionState:
         st = self.partitions.get(tp)
@@ -392,6 +405,14 @@ class Coordinator:
     def assigned(self) -> None:
         """Partitions were assigned: the recovery that follows ends in :meth:`settle`."""
         self.assign_epoch = self.unsettled_count
+        # Until the restore says which partitions are owned, Faust's standby copies may
+        # write any of them (above the persisted offset: the restore re-reads that).
+        self._disown()
+
+    def _disown(self) -> None:
+        for stores in self.stores.values():
+            for store in stores:
+                store.owned.clear()
 
     def recovered(self, committed: Mapping[TP, int | None] | None = None) -> None:
         """The recovery of the current assignment completed; start processing.
@@ -415,6 +436,13 @@ class Coordinator:
 
     async def _settle_from(self, committed: Mapping[TP, int | None] | None, epoch: int) -> None:
         try:
+            if not await self.restore(epoch):
+                return  # a rebalance started: its recovery restores again
+        except Exception as exc:
+            # Never process against incomplete state: end the process, restart clean.
+            fatal("could not restore the tables", exc)
+            return
+        try:
             if committed is None:
                 committed = await self._committed_offsets(list(self.partitions))
         except Exception as exc:
@@ -422,6 +450,104 @@ class Coordinator:
             fatal("could not read the committed offsets", exc)
             return
         await self.settle(committed, epoch=epoch)
+        if self.on_settled is not None and epoch == self.unsettled_count:
+            self.on_settled()
+
+    def owned_changelogs(self) -> dict[TP, TransactionalStore]:
+        """The changelog partitions of the source partitions this worker processes."""
+        out: dict[TP, TransactionalStore] = {}
+        for tp in self.partitions:
+            for store in self.stores.get(tp.topic, ()):
+                if store.transactional:
+                    out[TP(store.changelog_topic_name, tp.partition)] = store
+        return out
+
+    def restores_changelog(self, tp: TP) -> bool:
+        """Is ``tp`` a changelog partition that :meth:`restore` reads, not Faust?"""
+        return tp.topic in self._changelog_names
+
+    async def restore(self, epoch: int) -> bool:
+        """Bring the state of every owned partition up to its changelog's end.
+
+        Each changelog partition is read with a consumer of our own (``read_committed``,
+        no group), from the record after the store's persisted offset to the end, and
+        each fetch is written to RocksDB in one write batch together with the offset of
+        its last record. One consumer, one seek, every record in order: the persisted
+        offset can only ever mean "applied up to here". Faust's recovery is told there
+        is nothing to read for these partitions (``SettlingConsumer.highwaters``): it
+        reads through the shared consumer, where stale fetches and its read-offset
+        filter can skip a range (see ``TransactionalStore.apply_changelog_batch``).
+
+        The end offsets are asked after this worker's ``InitProducerId`` for each
+        source partition (``ExactlyOnceTransactionManager._acquire``), which waited for
+        the previous owner's last transaction to complete or abort: nothing can be
+        appended behind them. Returns ``False`` when a rebalance began meanwhile; what
+        was written stays valid, and that rebalance's restore goes on from it.
+        """
+        owned = self.owned_changelogs()
+        self._disown()
+        for tp, store in owned.items():
+            store.owned.add(tp.partition)
+        if not owned:
+            return True
+        started = time.monotonic()
+        count = 0
+        async with self._restore_lock:
+            consumer = await self._restore_consumer()
+            try:
+                ktps = {TopicPartition(tp.topic, tp.partition): tp for tp in owned}
+                consumer.assign(list(ktps))
+                ends = await consumer.end_offsets(list(ktps))
+                begins = await consumer.beginning_offsets(list(ktps))
+                pending: dict[TopicPartition, int] = {}
+                for ktp, tp in ktps.items():
+                    persisted = owned[tp].persisted_offset(tp)
+                    start = max(int(begins[ktp]), 0 if persisted is None else persisted + 1)
+                    if start < int(ends[ktp]):
+                        consumer.seek(ktp, start)
+                        pending[ktp] = int(ends[ktp])
+                        self.restore_remaining[tp] = int(ends[ktp]) - start
+                while pending:
+                    if epoch != self.unsettled_count:
+                        log.info("a rebalance began while restoring (%d records applied)", count)
+                        return False
+                    batches = await consumer.getmany(*pending, timeout_ms=500, max_records=20_000)
+                    for ktp, records in batches.items():
+                        if records:
+                            tp = ktps[ktp]
+                            rows = [(m.key, m.value) for m in records]
+                            owned[tp].restore(tp.partition, rows, int(records[-1].offset))
+                            count += len(records)
+                    for ktp in list(pending):
+                        left = pending[ktp] - await consumer.position(ktp)
+                        self.restore_remaining[ktps[ktp]] = max(0, left)
+                        if left <= 0:
+                            del pending[ktp]
+            finally:
+                self.restore_remaining = {}
+                consumer.unsubscribe()  # or its fetcher goes on prefetching them
+        self.restored_records += count
+        if count:
+            log.info(
+                "restored %d changelog records of %d partitions in %.2f s",
+                count,
+                len(owned),
+                time.monotonic() - started,
+            )
+        return True
+
+    async def _restore_consumer(self) -> Any:
+        from aiokafka import AIOKafkaConsumer
+
+        if self._restorer is None:
+            self._restorer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                isolation_level="read_committed",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            await self._restorer.start()
+        return self._restorer
 
     async def _committed_offsets(self, tps: list[TP]) -> dict[TP, int | None]:
         from aiokafka import AIOKafkaConsumer
@@ -451,7 +577,7 @@ class Coordinator:
         if epoch is None:
             epoch = self.unsettled_count
         fresh = [tp for tp in self.partitions if committed.get(tp) is None]
-        beginnings = await self._beginnings(fresh) if fresh else {}
+        beginnings = await self.beginnings(fresh) if fresh else {}
         if epoch != self.unsettled_count:
             log.info("a rebalance started while settling; not settled")
             return
@@ -624,7 +750,7 @@ class Coordinator:
             await self._checker.start()
         return self._checker
 
-    async def _beginnings(self, tps: list[TP]) -> dict[TP, int]:
+    async def beginnings(self, tps: list[TP]) -> dict[TP, int]:
         async with self._checker_lock:
             consumer = await self._checker_consumer()
             ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
@@ -640,6 +766,9 @@ class Coordinator:
         if self._offsets_reader is not None:
             await self._offsets_reader.stop()
             self._offsets_reader = None
+        if self._restorer is not None:
+            await self._restorer.stop()
+            self._restorer = None
 
     def _epoch(self) -> int | None:
         """The assignment epoch to process in; ``None`` (skip the event) if unsettled.
@@ -1403,7 +1532,29 @@ class SettlingConsumer(AiokafkaConsumer):
         # record (see Coordinator.record_ends): with transactional changelogs the
         # offset before the LSO is a commit marker that recovery would wait for.
         eos = self.app.eos  # type: ignore[attr-defined]
-        return await eos.record_ends(partitions)
+        # The active changelog partitions of our tables are restored by the coordinator
+        # after Faust's recovery (Coordinator.restore): Faust is told they are complete
+        # where its reading would start (it subtracts 1, and starts at the persisted
+        # offset or before the log start, whichever is later), so it reads none of them.
+        assignor = self.app.assignor
+        changelogs = self.app.tables._changelogs  # type: ignore[attr-defined]
+        mine = [
+            tp for tp in partitions if eos.restores_changelog(tp) and not assignor.is_standby(tp)
+        ]
+        ours: dict[TP, int] = {}
+        if mine:
+            begins = await eos.beginnings(mine)
+            remembered = self.app.tables.recovery.active_offsets  # type: ignore[attr-defined]
+            for tp in mine:
+                persisted = changelogs[tp.topic].data.persisted_offset(tp)
+                start = max(
+                    -1 if persisted is None else persisted,
+                    remembered.get(tp) or -1,  # what an earlier recovery read, if more
+                    begins.get(tp, 0) - 1,
+                )
+                ours[tp] = start + 1
+        rest = [tp for tp in partitions if tp not in ours]
+        return {**ours, **(await eos.record_ends(rest) if rest else {})}
 
     async def position(self, tp: TP) -> int | None:
         # Faust calls this only from its recovery's "aborted transactions up to the

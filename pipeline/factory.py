@@ -55,16 +55,22 @@ class PipelineApp(faust.App):
 
     def on_rebalance_end(self) -> None:
         # Faust calls this only when the recovery of the current assignment completed:
-        # tables restored, stream partitions seeked to their committed offsets (read
-        # after our producers' InitProducerId, so they are stable). That, not any seek,
-        # is when processing may start; see Coordinator.recovered.
+        # stream partitions seeked to their committed offsets (read after our producers'
+        # InitProducerId, so they are stable), tables restored (in exactly-once mode,
+        # the coordinator restores them next). That, not any seek, is when processing
+        # may start; see Coordinator.recovered.
         super().on_rebalance_end()
+        if self.settings.exactly_once:
+            self.eos.on_settled = self._observe_recovery
+            self.eos.recovered()
+        else:
+            self._observe_recovery()
+
+    def _observe_recovery(self) -> None:
         if self.rebalance_started is not None:
             # From the start of the rebalance to the end of the tables' recovery.
             self.recoveries.observe(time.monotonic() - self.rebalance_started)
             self.rebalance_started = None
-        if self.settings.exactly_once:
-            self.eos.recovered()
 
     async def on_first_start(self) -> None:
         # Source and output topics are declared here, before the consumer subscribes,

@@ -138,7 +138,9 @@ class _AppCollector(Collector):
             labels=["kind"],
         )
         recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
-        remaining.add_metric(["active"], recovery.active_remaining_total())
+        # In exactly-once mode the active changelogs are restored by the coordinator.
+        ours = sum(eos.restore_remaining.values())
+        remaining.add_metric(["active"], recovery.active_remaining_total() + ours)
         remaining.add_metric(["standby"], recovery.standby_remaining_total())
         yield remaining
         keys = GaugeMetricFamily(

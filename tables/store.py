@@ -9,6 +9,11 @@ it to RocksDB in one write batch together with the changelog offset
 committed state, possibly behind the changelog (recovery replays the rest), but never a
 write of an aborted transaction.
 
+The persisted changelog offset of a partition is written only by a commit and by the
+coordinator's restore (:meth:`TransactionalStore.restore`, a contiguous read from the
+previous offset), never by Faust's recovery: it always means "every committed record
+up to here is applied".
+
 Reads without a current event (web views) see committed state only.
 """
 
@@ -41,6 +46,8 @@ class TransactionalStore(RocksStore):
         # when its commit starts, written to RocksDB once it committed. Processing goes
         # on meanwhile (into a fresh _dirty), and its reads must still see these rows.
         self._committing: dict[TP, dict[bytes, bytes | None]] = {}
+        #: partitions :meth:`restore` and the commits write; Faust's recovery must not
+        self.owned: set[int] = set()
 
     @property
     def transactional(self) -> bool:
@@ -149,43 +156,67 @@ class TransactionalStore(RocksStore):
         to_key: Callable[[Any], Any],
         to_value: Callable[[Any], Any],
     ) -> None:
-        """Write changelog records read by recovery (active) or as a standby.
+        """Write changelog records Faust's recovery read: standby copies only.
 
-        As Faust's store does, except that records a *standby* applies do not move the
-        partition's persisted offset: only committed processing (:meth:`persist`) and an
-        active restore, which reads the changelog contiguously from that offset, do.
-        Why: a 200,000-event chaos soak found a worker whose standby store lacked a
-        range of changelog records (the first catch-up after it restarted) while its
-        persisted offset was past them; when it took the partition over, Faust restored
-        nothing and processing ran against the incomplete state (duplicates accepted,
-        rows behind). With the offset held back, taking over replays the changelog from
-        the last offset known to be complete; replaying records already applied is
-        harmless (same keys, same order, the last write wins). Views of a standby may
-        still be incomplete: they are documented as possibly stale.
+        In exactly-once mode Faust's recovery never moves the persisted offset, and
+        never writes a partition this worker owns: :meth:`restore` does both, from its
+        own consumer. Why: Faust reads changelogs through the worker's shared consumer,
+        where records fetched before a seek are still delivered after it, and its
+        in-memory "last offset read" filter then drops the records the seek fetched
+        again. Its standby copies therefore can miss ranges. Two 200,000-event chaos
+        soaks found such a copy whose persisted offset had moved past the missing range
+        (once through a standby's own batches, once through a batch flushed just after
+        the partition was revoked), so that taking the partition over restored nothing
+        of it and accepted copies of events already seen.
+
+        So a persisted offset is only ever written by a contiguous read from the
+        previous one (:meth:`restore`) or by a commit (:meth:`persist`), and "offset
+        N persisted" always means "every committed record up to N is applied".
+        Records at or below the persisted offset are skipped here: a stale copy
+        must not overwrite a newer value. Views of a standby may be incomplete; they
+        are documented as possibly stale.
         """
         if not self.transactional:
             super().apply_changelog_batch(batch, to_key, to_value)
             return
         writes: dict[int, WriteBatch] = {}
-        last: dict[TP, int] = {}
+        floors: dict[int, int] = {}
         for event in batch:
             msg = event.message
+            partition = msg.partition
+            if partition in self.owned:
+                continue
+            floor = floors.get(partition)
+            if floor is None:
+                persisted = self.persisted_offset(msg.tp)
+                floor = floors[partition] = -1 if persisted is None else persisted
+            if msg.offset <= floor:
+                continue
             key = msg.key
             assert key is not None, "a changelog record without its table key"
-            wb = writes.get(msg.partition)
+            wb = writes.get(partition)
             if wb is None:
-                wb = writes[msg.partition] = WriteBatch(raw_mode=True)
+                wb = writes[partition] = WriteBatch(raw_mode=True)
             if msg.value is None:
                 wb.delete(key)
             else:
                 wb.put(key, msg.value)
-            last[msg.tp] = max(msg.offset, last.get(msg.tp, msg.offset))
         for partition, wb in writes.items():
             self._db_for_partition(partition).write(wb)
-        assignor = self.app.assignor
-        for tp, offset in last.items():
-            if not assignor.is_standby(tp):
-                self.set_persisted_offset(tp, offset)
+
+    def restore(
+        self, partition: int, rows: Iterable[tuple[bytes, bytes | None]], offset: int
+    ) -> None:
+        """Apply changelog records read contiguously after the persisted offset, up to
+        and including ``offset``, and persist that offset in the same write batch."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in rows:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        batch.put(self.offset_key, str(offset).encode())
+        self._db_for_partition(partition).write(batch)
 
     def estimated_keys(self) -> int:
         """RocksDB's estimate of the committed keys over this worker's partitions."""

@@ -85,7 +85,7 @@ def make(records: set[int], committed: int | None) -> tuple[Coordinator, Log]:
     coord = Coordinator(Settings())
     log = Log(records)
     coord._first_record = log.first_record  # type: ignore[method-assign]
-    coord._beginnings = log.beginnings  # type: ignore[method-assign]
+    coord.beginnings = log.beginnings  # type: ignore[method-assign]
     coord.seek_wait = log.seek_wait  # type: ignore[assignment]
     coord.state(TP0)
     asyncio.run(coord.settle({TP0: committed}))
@@ -236,7 +236,7 @@ def test_a_rebalance_while_settling_leaves_it_unsettled() -> None:
         coord.unsettle()  # the next rebalance starts while we ask the broker
         return dict.fromkeys(tps, 0)
 
-    coord._beginnings = slow_beginnings  # type: ignore[method-assign]
+    coord.beginnings = slow_beginnings  # type: ignore[method-assign]
     asyncio.run(coord.settle({TP0: None}))
     assert not coord.settled
 

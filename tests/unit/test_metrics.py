@@ -38,6 +38,8 @@ def _app() -> SimpleNamespace:
         ledger_answers=12,
         broker_checks=3,
         aborts=2,
+        # the coordinator's own restore of the active changelogs, under way
+        restore_remaining={TP("dedup-changelog", 0): 5, TP("dedup-changelog", 1): 2},
         commit_seconds=[0.01, 0.02, 0.03],
         commit_histogram=_histogram("pipeline_commit_duration_seconds"),
         partitions={
@@ -49,9 +51,7 @@ def _app() -> SimpleNamespace:
     for v in eos.commit_seconds:
         eos.commit_histogram.observe(v)
     ends = {raw0: 50, raw1: 7}
-    recovery = SimpleNamespace(
-        active_remaining_total=lambda: 12, standby_remaining_total=lambda: 30
-    )
+    recovery = SimpleNamespace(active_remaining_total=lambda: 5, standby_remaining_total=lambda: 30)
     dedup = SimpleNamespace(name="dedup", data=SimpleNamespace(estimated_keys=lambda: 1234))
     plain = SimpleNamespace(name="other", data=object())
     return SimpleNamespace(
@@ -106,6 +106,7 @@ def test_lag_per_partition_from_the_next_offset_to_process() -> None:
 
 def test_restore_and_table_size() -> None:
     samples = _samples(render(registry_for(_app())))  # type: ignore[arg-type]
+    # Faust's recovery (5) plus the coordinator's restore (5 + 2).
     assert samples[("pipeline_restore_remaining_records", (("kind", "active"),))] == 12
     assert samples[("pipeline_restore_remaining_records", (("kind", "standby"),))] == 30
     assert samples[("pipeline_table_keys", (("table", "dedup"),))] == 1234

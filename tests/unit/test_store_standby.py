@@ -1,5 +1,6 @@
-"""The table store: records a standby applies never move the persisted offset (so a
-takeover replays from the last offset known complete); an active restore's do."""
+"""The table store: records Faust's recovery applies (standby copies) never move the
+persisted offset, never overwrite a newer value, and never touch a partition the
+coordinator owns; only a contiguous restore and a commit move the offset."""
 
 from __future__ import annotations
 
@@ -24,50 +25,62 @@ def _event(partition: int, offset: int, key: bytes, value: bytes | None) -> Any:
     )
 
 
+def _apply(store: TransactionalStore, events: list[Any]) -> None:
+    store.apply_changelog_batch(events, to_key=lambda k: k, to_value=lambda v: v)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> TransactionalStore:
     app = create_app(Settings(app_id="t-store", datadir=tmp_path))
     table = app.Table("dedup", key_type=bytes, value_type=bytes, partitions=8)
     data = table.data
     assert isinstance(data, TransactionalStore) and data.transactional
-    # Partition 5 is a standby of this worker, partition 1 an active one.
-    app.assignor = SimpleNamespace(is_standby=lambda tp: tp.partition == 5)  # type: ignore[misc,assignment]
     return data
 
 
 def test_standby_records_are_applied_without_moving_the_offset(store: TransactionalStore) -> None:
     standby = TP(LOG, 5)
     store.set_persisted_offset(standby, 3552)
-    store.apply_changelog_batch(
+    _apply(
+        store,
         [_event(5, 3553, b"a", b"1"), _event(5, 3554, b"b", b"2"), _event(5, 3555, b"a", None)],
-        to_key=lambda k: k,
-        to_value=lambda v: v,
     )
     assert store.persisted_offset(standby) == 3552
     db = store._db_for_partition(5)
     assert db.get(b"b") == b"2" and db.get(b"a") is None
 
 
-def test_active_restore_moves_the_offset(store: TransactionalStore) -> None:
-    active = TP(LOG, 1)
-    store.apply_changelog_batch(
-        [_event(1, 7, b"x", b"1"), _event(1, 9, b"y", b"2"), _event(1, 8, b"z", b"3")],
-        to_key=lambda k: k,
-        to_value=lambda v: v,
-    )
-    assert store.persisted_offset(active) == 9
-    assert store._db_for_partition(1).get(b"z") == b"3"
+def test_a_batch_after_a_gap_leaves_the_offset_where_it_was(store: TransactionalStore) -> None:
+    """The soak's case: a standby copy persisted at 2675 missed 2676..2849; a batch of
+    2850..2883 came in after the partition had been revoked (so it was no standby any
+    more). Stock handling, and ours before, moved the offset to 2883 past the gap."""
+    tp = TP(LOG, 2)
+    store.set_persisted_offset(tp, 2675)
+    _apply(store, [_event(2, o, b"k%d" % o, b"v") for o in range(2850, 2884)])
+    assert store.persisted_offset(tp) == 2675
+    assert store._db_for_partition(2).get(b"k2883") == b"v"
 
 
-def test_mixed_batch_moves_only_the_active_offset(store: TransactionalStore) -> None:
-    store.set_persisted_offset(TP(LOG, 5), 100)
-    store.apply_changelog_batch(
-        [_event(5, 180, b"s", b"1"), _event(1, 40, b"t", b"2")],
-        to_key=lambda k: k,
-        to_value=lambda v: v,
+def test_a_stale_record_never_overwrites_committed_state(store: TransactionalStore) -> None:
+    tp = TP(LOG, 3)
+    store.restore(3, [(b"k", b"new")], 40)
+    _apply(
+        store, [_event(3, 12, b"k", b"old"), _event(3, 40, b"k", b"old"), _event(3, 41, b"j", b"1")]
     )
-    assert store.persisted_offset(TP(LOG, 5)) == 100
-    assert store.persisted_offset(TP(LOG, 1)) == 40
+    db = store._db_for_partition(3)
+    assert db.get(b"k") == b"new" and db.get(b"j") == b"1"
+    assert store.persisted_offset(tp) == 40
+
+
+def test_an_owned_partition_is_written_by_the_restore_only(store: TransactionalStore) -> None:
+    store.owned.add(1)
+    _apply(store, [_event(1, 7, b"x", b"1"), _event(6, 7, b"x", b"2")])
+    assert store._db_for_partition(1).get(b"x") is None
+    assert store._db_for_partition(6).get(b"x") == b"2"  # a standby copy: applied
+    store.restore(1, [(b"x", b"1"), (b"y", b"2"), (b"x", None)], 9)
+    db = store._db_for_partition(1)
+    assert db.get(b"x") is None and db.get(b"y") == b"2"
+    assert store.persisted_offset(TP(LOG, 1)) == 9
 
 
 def _processing(tp: TP) -> Any:
