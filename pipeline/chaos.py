@@ -78,6 +78,14 @@ class Plan:
     broker_restarts: int
     scale_changes: int
 
+    def replay_command(self) -> str:
+        return (
+            f"python -m pipeline chaos --seed {self.seed} --events {self.events} "
+            f"--workers {self.workers} --duration {self.duration_s:g} --kills {self.kills} "
+            f"--stops {self.stops} --broker-restarts {self.broker_restarts} "
+            f"--scale-changes {self.scale_changes}"
+        )
+
 
 def schedule(plan: Plan) -> list[Fault]:
     """The faults of a run, a pure function of the plan (and so of the seed).
@@ -202,10 +210,7 @@ class ChaosResult:
         lines = [
             f"chaos run {self.app_id}: seed {p.seed}, {p.workers} workers, {p.events} events, "
             f"{self.seconds:.0f} s (work dir {self.workdir})",
-            f"replay: python -m pipeline chaos --seed {p.seed} --events {p.events} "
-            f"--workers {p.workers} --duration {p.duration_s:g} --kills {p.kills} "
-            f"--stops {p.stops} --broker-restarts {p.broker_restarts} "
-            f"--scale-changes {p.scale_changes}",
+            f"replay: {p.replay_command()}",
             "faults injected: "
             + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none")
             + f" ({len(self.injected) - len(self.skipped)} of {len(self.faults)} scheduled;"
@@ -439,11 +444,22 @@ class Run:
             subprocess.run, ["bash", str(script), "kill"], check=True, capture_output=True
         )
         await asyncio.sleep(2)
+        # After kill -9 the broker recovers every partition log before it serves; on a
+        # broker that kept thousands of test partitions that took over the script's
+        # default 90 s (seen in a soak), so a restart here may take longer.
+        env = {**os.environ, "KAFKA_START_TIMEOUT": os.environ.get("KAFKA_START_TIMEOUT", "300")}
         done = await asyncio.to_thread(
-            subprocess.run, ["bash", str(script), "start"], capture_output=True, text=True
+            subprocess.run,
+            ["bash", str(script), "start"],
+            capture_output=True,
+            text=True,
+            env=env,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"broker did not come back: {done.stderr[-2000:]}")
+            raise BrokerDidNotReturn(
+                f"the broker did not come back after kill -9 within "
+                f"{env['KAFKA_START_TIMEOUT']} s: {done.stderr.strip()[-600:]}"
+            )
         return f"kill -9 broker, back after {time.monotonic() - started:.1f} s"
 
     # -- traffic and the watch -----------------------------------------------------
@@ -708,16 +724,29 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return Plan(seed, args.events, args.workers, args.duration, kills, stops, brokers, scales)
 
 
+class BrokerDidNotReturn(RuntimeError):
+    """A broker restart fault could not bring the broker back: the run has no verdict."""
+
+
+#: Exit status of a run that ended without a verdict (1 is a failed verdict).
+EXIT_NO_VERDICT = 2
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
     plan = plan_from(args)
-    result = asyncio.run(
-        run_chaos(
-            plan,
-            settings,
-            workdir=Path(args.workdir) if args.workdir else None,
-            drain_timeout=args.drain_timeout,
+    try:
+        result = asyncio.run(
+            run_chaos(
+                plan,
+                settings,
+                workdir=Path(args.workdir) if args.workdir else None,
+                drain_timeout=args.drain_timeout,
+            )
         )
-    )
+    except BrokerDidNotReturn as exc:
+        print(f"chaos run aborted, no verdict: {exc}", file=sys.stderr)
+        print(f"replay: {plan.replay_command()}", file=sys.stderr)
+        return EXIT_NO_VERDICT
     if args.json:
         doc = {
             "verdict": "PASS" if result.ok else "FAIL",

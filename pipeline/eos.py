@@ -537,17 +537,22 @@ class Coordinator:
         return True
 
     async def _restore_consumer(self) -> Any:
+        if self._restorer is None:
+            self._restorer = await self._reader(auto_offset_reset="earliest")
+        return self._restorer
+
+    async def _reader(self, **extra: Any) -> Any:
+        """A started ``read_committed`` consumer outside the group (it never subscribes)."""
         from aiokafka import AIOKafkaConsumer
 
-        if self._restorer is None:
-            self._restorer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers,
-                isolation_level="read_committed",
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-            )
-            await self._restorer.start()
-        return self._restorer
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            **extra,
+        )
+        await consumer.start()
+        return consumer
 
     async def _committed_offsets(self, tps: list[TP]) -> dict[TP, int | None]:
         from aiokafka import AIOKafkaConsumer
@@ -738,16 +743,8 @@ class Coordinator:
                     log.warning("seek of %s failed: %r", tp, exc)
 
     async def _checker_consumer(self) -> Any:
-        from aiokafka import AIOKafkaConsumer
-
         if self._checker is None:
-            self._checker = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers,
-                isolation_level="read_committed",
-                enable_auto_commit=False,
-                max_partition_fetch_bytes=1024 * 1024,
-            )
-            await self._checker.start()
+            self._checker = await self._reader(max_partition_fetch_bytes=1024 * 1024)
         return self._checker
 
     async def beginnings(self, tps: list[TP]) -> dict[TP, int]:

@@ -37,7 +37,7 @@ async def _write_changelog(settings: Settings, topic: str, partition: int) -> li
     )
     await producer.start()
     try:
-        plan: list[tuple[bool, list[tuple[bytes, bytes | None]]]] = [
+        plan: list[tuple[bool, list[Any]]] = [
             (True, [(b"k%d" % (i % 40), b"a%d" % i) for i in range(120)]),
             (False, [(b"k%d" % i, b"ABORTED") for i in range(40)] + [(b"zz", b"ABORTED")]),
             (True, [(b"k%d" % (i % 40), b"b%d" % i) for i in range(0, 90, 3)] + [(b"k7", None)]),
@@ -82,16 +82,24 @@ class _Aborting:
         await self.producer.abort_transaction()
 
 
-async def test_takeover_restores_from_the_persisted_offset_not_from_the_standby_copy(
-    settings: Settings, tmp_path: Path
-) -> None:
+async def _store_with_changelog(
+    settings: Settings, tmp_path: Path, name: str, partition: int
+) -> tuple[TransactionalStore, str, list[Any]]:
+    """A worker's transactional store for a new table, whose changelog ``partition``
+    holds the records of :func:`_write_changelog`."""
     app = create_app(settings.model_copy(update={"datadir": tmp_path / "w"}))
-    table = app.Table("restored", key_type=bytes, value_type=bytes, partitions=2)
+    table = app.Table(name, key_type=bytes, value_type=bytes, partitions=2)
     store = table.data
     assert isinstance(store, TransactionalStore) and store.transactional
     changelog = store.changelog_topic_name
     await ensure_topics(settings.bootstrap_servers, [changelog], 2, settings.replication)
-    records = await _write_changelog(settings, changelog, 1)
+    return store, changelog, await _write_changelog(settings, changelog, partition)
+
+
+async def test_takeover_restores_from_the_persisted_offset_not_from_the_standby_copy(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store, changelog, records = await _store_with_changelog(settings, tmp_path, "restored", 1)
     assert b"ABORTED" not in {v for _, _, v in records}
     tp = TP(changelog, 1)
 
@@ -99,7 +107,6 @@ async def test_takeover_restores_from_the_persisted_offset_not_from_the_standby_
     # a standby copy that got only the last 20 records: a gap in between.
     persisted_at = records[49][0]
     store.restore(1, [(k, v) for _, k, v in records[:50]], persisted_at)
-    app.assignor = SimpleNamespace(is_standby=lambda _tp: True)  # type: ignore[assignment]
     store.apply_changelog_batch(
         [_event(tp, o, k, v) for o, k, v in records[-20:]], lambda k: k, lambda v: v
     )
@@ -132,13 +139,7 @@ async def test_takeover_restores_from_the_persisted_offset_not_from_the_standby_
 async def test_a_restore_interrupted_by_a_rebalance_resumes_where_it_stopped(
     settings: Settings, tmp_path: Path
 ) -> None:
-    app = create_app(settings.model_copy(update={"datadir": tmp_path / "w"}))
-    table = app.Table("interrupted", key_type=bytes, value_type=bytes, partitions=2)
-    store = table.data
-    assert isinstance(store, TransactionalStore)
-    changelog = store.changelog_topic_name
-    await ensure_topics(settings.bootstrap_servers, [changelog], 2, settings.replication)
-    records = await _write_changelog(settings, changelog, 0)
+    store, changelog, records = await _store_with_changelog(settings, tmp_path, "interrupted", 0)
     coord = Coordinator(settings)
     coord.register_store("source", store)
     coord.partitions[TP("source", 0)] = PartitionState()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from pipeline.chaos import (
     SCALE_DOWN,
     SCALE_UP,
     STOP,
+    BrokerDidNotReturn,
     DuplicateWatch,
     Plan,
     kinds_of,
@@ -114,6 +116,33 @@ def test_plan_from_counts_and_total() -> None:
 def test_plan_without_seed_draws_one_and_prints_it() -> None:
     a, b = plan_from(_args(seed=None)), plan_from(_args(seed=None))
     assert isinstance(a.seed, int) and a.seed != b.seed
+
+
+def test_replay_command_reproduces_the_plan() -> None:
+    import shlex
+
+    from pipeline.chaos import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    argv = shlex.split(PLAN.replay_command())[3:]  # after "python -m pipeline"
+    assert plan_from(parser.parse_args(argv)) == PLAN
+
+
+def test_a_broker_that_does_not_come_back_ends_the_run_without_a_verdict(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline import chaos
+
+    async def broker_gone(*args: object, **kwargs: object) -> None:
+        raise BrokerDidNotReturn("the broker did not come back after kill -9 within 300 s")
+
+    monkeypatch.setattr(chaos, "run_chaos", broker_gone)
+    args = _args(seed=42, json=False, workdir=None, drain_timeout=60)
+    assert chaos.main(args, Settings(app_id="t")) == chaos.EXIT_NO_VERDICT
+    err = capsys.readouterr().err
+    assert "aborted, no verdict" in err and "within 300 s" in err
+    assert "--seed 42" in err
 
 
 def _watch() -> tuple[DuplicateWatch, Settings]:
