@@ -56,3 +56,20 @@ async def ensure_topics(
             await asyncio.sleep(1)
         finally:
             await admin.close()
+
+
+async def drop_topics(bootstrap: str, tag: str) -> list[str]:
+    """Delete every topic whose name contains ``tag``; the names deleted.
+
+    For runs that name all their topics after one tag (a bench system run, a test):
+    inputs, outputs, changelogs and Faust's internal topics. A long-lived broker slows
+    down as partitions pile up (a day of test runs left tens of thousands)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if tag in t]
+        if mine:
+            await admin.delete_topics(mine)
+        return mine
+    finally:
+        await admin.close()

@@ -37,9 +37,8 @@ from typing import IO
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.admin import ensure_topics
+from pipeline.admin import drop_topics, ensure_topics
 from pipeline.bench_stats import Run, percentile, render_ratios, render_table
 from pipeline.generate import generate
 from pipeline.kafka_io import partitions_of, produce
@@ -117,20 +116,6 @@ async def _workload(bootstrap: str, topics: list[str], raw: str, count: int) -> 
         raw,
         generate(count, seed=42, dup_rate=0.3, bad_rate=0.01, illegal_rate=0.05),
     )
-
-
-async def _drop_topics(bootstrap: str, tag: str) -> None:
-    """Delete every topic of one system run (inputs, outputs, changelogs, Faust's and
-    Quix's internal ones all carry the run's tag): a full run creates hundreds of
-    partitions, and a long-lived dev broker slows down as they pile up."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        mine = [t for t in await admin.list_topics() if tag in t]
-        if mine:
-            await admin.delete_topics(mine)
-    finally:
-        await admin.close()
 
 
 async def latency(
@@ -245,7 +230,7 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         rss = _peak_rss_mb(pid)
     finally:
         worker.stop()
-        await _drop_topics(s.bootstrap_servers, tag)
+        await drop_topics(s.bootstrap_servers, tag)
     handled = plan.count - seen0
     return Run(
         system=name,
@@ -329,7 +314,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        await _drop_topics(bootstrap, tag)
+        await drop_topics(bootstrap, tag)
     config["latency_events_matched"] = matched
     return Run(
         system=system,
@@ -372,7 +357,7 @@ async def run_kafka_tools(plan: Plan, settings: Settings) -> list[Run]:
     try:
         return await _kafka_tools(plan, bootstrap, topic)
     finally:
-        await _drop_topics(bootstrap, tag)
+        await drop_topics(bootstrap, tag)
 
 
 async def _kafka_tools(plan: Plan, bootstrap: str, topic: str) -> list[Run]:

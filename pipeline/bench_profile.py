@@ -21,7 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline.bench import _cpu_seconds, _drop_topics, _workload
+from pipeline.admin import drop_topics
+from pipeline.bench import _cpu_seconds, _workload
 from pipeline.procs import Worker, drained, namespaced_env, progress, settings_from
 from pipeline.settings import Settings
 
@@ -104,7 +105,7 @@ async def profile(
         await sampler.wait()
     finally:
         worker.stop()
-        await _drop_topics(s.bootstrap_servers, tag)
+        await drop_topics(s.bootstrap_servers, tag)
     return args.count - seen0, seconds, cpu
 
 

@@ -357,23 +357,44 @@ class Run:
         victim = self.picks.choice(alive)
         how = ""
         if rebalancing:
-            # Wait (briefly) for a worker that is in a rebalance, and kill that one.
-            deadline = time.monotonic() + 10
-            found = None
-            while found is None and time.monotonic() < deadline:
-                for w in self.running():
-                    st = await asyncio.to_thread(w.stats)
-                    if st is not None and st.get("rebalancing"):
-                        found = w
-                        break
-                else:
-                    await asyncio.sleep(0.2)
+            # Kill a worker that is in a rebalance: the one the last fault started, if it
+            # is still under way, or else one started here.
+            found = await self.rebalancing_worker(10)
+            started = ""
+            for _ in range(3):
+                if found is not None:
+                    break
+                started = await self.start_rebalance(victim)
+                found = await self.rebalancing_worker(60)
             victim = found or victim
-            how = " during a rebalance" if found else " (no rebalance seen within 10 s)"
+            how = f" during a rebalance{started}" if found else " (no rebalance seen)"
         victim.kill9()
         delay = round(self.picks.uniform(1.0, 4.0), 1)
         self.spawn(self.restart_later(victim, delay))
         return f"kill -9 {victim.name}{how}; restart in {delay} s"
+
+    async def rebalancing_worker(self, timeout: float) -> Worker | None:
+        """A running worker whose /stats says it is rebalancing, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for w in self.running():
+                st = await asyncio.to_thread(w.stats)
+                if st is not None and st.get("rebalancing"):
+                    return w
+            await asyncio.sleep(0.1)
+        return None
+
+    async def start_rebalance(self, victim: Worker) -> str:
+        """Restart a worker gracefully: it leaves the group at once, so every member
+        rebalances (with one worker, its own start is the rebalance)."""
+        trigger = next((w for w in self.running() if w is not victim), victim)
+        self.restarting.add(trigger.name)  # not the supervisor's to restart
+        try:
+            await asyncio.to_thread(trigger.stop)
+            trigger.start()
+        finally:
+            self.restarting.discard(trigger.name)
+        return f" (started by restarting {trigger.name})"
 
     async def freeze(self) -> str:
         alive = await self.wait_running(2)

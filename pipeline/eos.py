@@ -193,6 +193,10 @@ class PartitionState:
     #: ExactlyOnceTransactionManager._commit_tp) instead of entering the committing one
     holding: bool = False
     held: list[OutRecord] = field(default_factory=list)
+    #: events processed since the open transaction's snapshot (step 1), and how many the
+    #: transaction being committed holds: what the test-only fault filters look at
+    events: int = 0
+    txn_events: int = 0
 
     @property
     def has_progress(self) -> bool:
@@ -363,9 +367,23 @@ class Coordinator:
             st = self.partitions[tp] = PartitionState()
         return st
 
-    def crash_point(self, step: Step) -> None:
+    def _fault_applies(self, step: Step, tp: TP, st: PartitionState) -> bool:
+        """Test-only: does a fault at ``step`` of ``tp``'s commit pass the filters?
+
+        ``PIPELINE_FAULT_TOPIC`` keeps faults to one source topic's partitions, and
+        ``PIPELINE_FAULT_MIN_EVENTS`` to transactions holding at least that many events,
+        so that a test's fault always lands on the stage it judges, with work in flight,
+        however fast the machine drains its input.
+        """
+        settings = self.settings
+        if settings.fault_topic and tp.topic != settings.fault_topic:
+            return False
+        events = st.events if step is Step.QUIESCE else st.txn_events
+        return events >= settings.fault_min_events
+
+    def crash_point(self, step: Step, tp: TP, st: PartitionState) -> None:
         """Test-only fault injection: ``PIPELINE_CRASH_AT=<step>`` dies before that step."""
-        if self.settings.crash_at != step.value:
+        if self.settings.crash_at != step.value or not self._fault_applies(step, tp, st):
             return
         self._crash_count += 1
         if self._crash_count > self.settings.crash_after:
@@ -374,23 +392,54 @@ class Coordinator:
                 handler.flush()
             os._exit(EXIT_INJECTED)
 
-    async def fail_point(self, step: Step, producer: AIOKafkaProducer, tp: TP) -> None:
+    async def fail_point(
+        self, step: Step, producer: AIOKafkaProducer, tp: TP, st: PartitionState
+    ) -> None:
         """Test-only: ``PIPELINE_FAIL_AT=<step>`` aborts one transaction and raises there.
 
         Exactly one partition's commit fails (the first after ``crash_after`` have
-        passed the step), as when the broker times out one transaction;
-        ``PIPELINE_FAIL_TOPIC`` limits this to the partitions of one source topic.
+        passed the step and the filters of :meth:`_fault_applies`), as when the broker
+        times out one transaction while the others commit. It fails only once the
+        other partitions' commits of the same round have ended: whatever they committed
+        (offsets of events whose records sit in this transaction, when routing is
+        broken) is then committed for certain when this one aborts.
         """
-        if self.settings.fail_at != step.value:
-            return
-        if self.settings.fail_topic and tp.topic != self.settings.fail_topic:
+        if self.settings.fail_at != step.value or not self._fault_applies(step, tp, st):
             return
         self._fail_count += 1
         if self._fail_count == self.settings.crash_after + 1:
-            log.warning("fault injection: failing commit step %r", step.value)
+            await self._others_committed(st)
+            log.warning(
+                "fault injection: failing commit step %r of %s (%d events in the transaction)",
+                step.value,
+                tp,
+                st.txn_events,
+            )
             await producer.abort_transaction()
             self.aborts += 1
             raise InjectedFailure(f"injected failure at commit step {step.value}")
+
+    async def _others_committed(self, st: PartitionState, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for _ in range(round(timeout / 0.01)):  # polled: test-only, and bounded
+            if loop.time() > deadline or not any(
+                o.step for o in self.partitions.values() if o is not st
+            ):
+                return
+            await asyncio.sleep(0.01)
+
+    async def delay_point(self, step: Step, tp: TP, st: PartitionState) -> None:
+        """Test-only: ``PIPELINE_DELAY_AT=<step>`` pauses every commit that passes the
+        filters at that step for ``PIPELINE_DELAY_S``, as a long pause of the loop would."""
+        if self.settings.delay_at == step.value and self._fault_applies(step, tp, st):
+            log.warning(
+                "fault injection: delaying commit step %r of %s by %g s",
+                step.value,
+                tp,
+                self.settings.delay_s,
+            )
+            await asyncio.sleep(self.settings.delay_s)
 
     # -- delivery ---------------------------------------------------------------------
 
@@ -896,6 +945,7 @@ class Coordinator:
                 if await self._admit(event, st, epoch):
                     yield value
                     st.processed = event.message.offset
+                    st.events += 1
                     self.last_done = now()
                     activity.set()
                 continue
@@ -904,6 +954,7 @@ class Coordinator:
                     continue
                 yield value
                 st.processed = event.message.offset
+                st.events += 1
             self.last_done = now()
             activity.set()
 
@@ -1280,9 +1331,12 @@ class ExactlyOnceTransactionManager(TransactionManager):
         except Exception as exc:
             log.error("begin of %s failed (swallowed, fix disabled): %r", tp, exc)
 
-    def _at(self, st: PartitionState, step: Step) -> None:
+    async def _at(self, tp: TP, st: PartitionState, step: Step) -> None:
         st.step = step.value
-        self.coordinator.crash_point(step)
+        coord = self.coordinator
+        coord.crash_point(step, tp, st)
+        if coord.settings.delay_at is not None:
+            await coord.delay_point(step, tp, st)
 
     async def _commit_tp(self, tp: TP) -> None:
         coord = self.coordinator
@@ -1290,16 +1344,17 @@ class ExactlyOnceTransactionManager(TransactionManager):
         tid = self.transactional_id(tp)
         producer = self._producers[tid]
         quiesce = coord.fix("quiesce")
-        self._at(st, Step.QUIESCE)
+        await self._at(tp, st, Step.QUIESCE)
         st.step = "waiting for the gate"
         async with st.gate if quiesce else _NO_GATE:  # 1. quiesce
             offset = None if st.processed is None else st.processed + 1
             stores = coord.stores.get(tp.topic, ()) if coord.fix("local-state") else ()
             rows = [(store, store.take_dirty(tp)) for store in stores]
+            st.txn_events, st.events = st.events, 0
             # Without the quiesce fix (a test switch) sends go on into this transaction.
             st.holding = quiesce
 
-        self._at(st, Step.CHANGELOG)  # 2. changelog
+        await self._at(tp, st, Step.CHANGELOG)  # 2. changelog
         changelog: list[tuple[TransactionalStore, asyncio.Future[Any]]] = []
         for store, items in rows:
             for key, value in items:
@@ -1309,7 +1364,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
                 changelog.append((store, fut))
                 st.pending.append(fut)
 
-        self._at(st, Step.DRAIN)  # 3. drain
+        await self._at(tp, st, Step.DRAIN)  # 3. drain
         if coord.fix("flush-before-commit"):
             pending, st.pending = st.pending, []
             # Send the lingering batches now rather than when their linger ends. The
@@ -1320,19 +1375,19 @@ class ExactlyOnceTransactionManager(TransactionManager):
         else:
             st.pending = []
 
-        self._at(st, Step.OFFSETS)  # 4. offsets
+        await self._at(tp, st, Step.OFFSETS)  # 4. offsets
         if offset is not None and (st.committed is None or offset > st.committed):
             await producer.send_offsets_to_transaction(
                 {TopicPartition(tp.topic, tp.partition): offset}, self.app.conf.id
             )
 
-        self._at(st, Step.COMMIT)  # 5. commit
-        await coord.fail_point(Step.COMMIT, producer, tp)
+        await self._at(tp, st, Step.COMMIT)  # 5. commit
+        await coord.fail_point(Step.COMMIT, producer, tp, st)
         await producer.commit_transaction()
         if offset is not None:
             st.committed = offset
 
-        self._at(st, Step.PERSIST)  # 6. persist
+        await self._at(tp, st, Step.PERSIST)  # 6. persist
         last: dict[int, int] = {}
         for store, fut in changelog:
             md = fut.result()
@@ -1342,7 +1397,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
             # Stock Faust (#599) loses these offsets; then restores start too early.
             store.persist(tp, last.get(id(store)) if keep_offsets else None)
 
-        self._at(st, Step.BEGIN)  # 7. begin
+        await self._at(tp, st, Step.BEGIN)  # 7. begin
         await producer.begin_transaction()
         await self._send_held(producer, tp, st)
         st.step = ""

@@ -58,8 +58,16 @@ class Settings(BaseSettings):
     #: Test-only: name of a commit step that fails (the transaction is aborted and an
     #: error raised), as when the broker times a transaction out.
     fail_at: str | None = None
-    #: test-only: count (and fail) only commits of this source topic's partitions
-    fail_topic: str | None = None
+    #: Test-only: name of a commit step that is slowed down by ``delay_s`` (as by a long
+    #: pause of the event loop), at every commit the filters below let through.
+    delay_at: str | None = None
+    delay_s: float = Field(default=0.2, ge=0)
+    #: Test-only: the faults above count (and fire at) only commits of this source
+    #: topic's partitions ...
+    fault_topic: str | None = None
+    #: ... and only commits of transactions in which at least this many events were
+    #: processed, so that a fault is certain to catch work in flight.
+    fault_min_events: int = Field(default=0, ge=0)
     #: Test-only: crash (or fail) only after this many commits have passed the step.
     crash_after: int = 0
     #: Test-only: comma-separated names of our fixes of stock Faust EOS to turn off

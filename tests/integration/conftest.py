@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.admin import ensure_topics
+from pipeline.admin import drop_topics, ensure_topics
 from pipeline.settings import Settings
 
 from .harness import Worker, broker_url, settings_from, unique_env
@@ -37,8 +37,17 @@ def _broker_is_up() -> None:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return unique_env(tmp_path)
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = unique_env(tmp_path)
+    yield env
+    # Torn down last (every fixture of the test depends on this one), so after the
+    # workers: drop the test's topics, or a broker kept across runs (scripts/test
+    # --repeat) piles up thousands of partitions and slows down.
+    bootstrap = broker_url().split("://", 1)[-1]
+    try:
+        asyncio.run(asyncio.wait_for(drop_topics(bootstrap, env["PIPELINE_APP_ID"]), 30))
+    except Exception as exc:  # the broker may be gone (a test that stops it): not a verdict
+        print(f"could not drop the test's topics: {exc!r}")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ import pytest
 
 from pipeline.eos import COMMIT_STEPS, EXIT_INJECTED, Step
 from pipeline.generate import generate
-from pipeline.kafka_io import committed_offsets, end_offsets, produce
+from pipeline.kafka_io import committed_offsets, end_offsets, produce, record_ends
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
@@ -26,19 +27,27 @@ pytestmark = pytest.mark.integration
 
 
 async def _wait_every_partition_moves(
-    settings: Settings, workers: list[Worker], timeout: float
+    settings: Settings, workers: list[Worker], timeout: float, must: set[int] | None = None
 ) -> None:
     """Wait until every partition with work left has committed past where it stood.
 
     After a worker is killed this proves its partitions were really taken over, rather
-    than the survivor merely making progress on its own ones.
+    than the survivor merely making progress on its own ones. ``must``: partitions that
+    have to be among those with work left (the killed worker's, while input still flows).
     """
     before = await committed_offsets(
         settings.bootstrap_servers, settings.app_id, settings.topic_raw
     )
-    ends = await end_offsets(settings.bootstrap_servers, settings.topic_raw)
-    waiting = {p for p, end in ends.items() if (before.get(p) or 0) < end}
     deadline = time.monotonic() + timeout
+    while True:
+        ends = await end_offsets(settings.bootstrap_servers, settings.topic_raw)
+        waiting = {p for p, end in ends.items() if (before.get(p) or 0) < end}
+        if must is None or must <= waiting:
+            break
+        # Input still flows: the killed worker's partitions get records it never saw.
+        if time.monotonic() > deadline:
+            raise AssertionError(f"partitions {sorted(must - waiting)} got no new input")
+        await asyncio.sleep(0.1)
     while waiting:
         now = await committed_offsets(
             settings.bootstrap_servers, settings.app_id, settings.topic_raw
@@ -49,6 +58,27 @@ async def _wait_every_partition_moves(
         if time.monotonic() > deadline:
             raise AssertionError(f"partitions {sorted(waiting)} did not move in {timeout}s")
         await asyncio.sleep(0.2)
+
+
+async def _settled_owners(
+    settings: Settings, workers: list[Worker], timeout: float
+) -> dict[str, set[int]]:
+    """Each worker's ``orders.raw`` partitions, once every worker owns some, none is
+    rebalancing, and together they own every partition once."""
+    deadline = time.monotonic() + timeout
+    owners: dict[str, set[int]] = {}
+    while time.monotonic() < deadline:
+        stats = [await asyncio.to_thread(w.stats) for w in workers]
+        if all(st is not None and not st.get("rebalancing") for st in stats):
+            owners = {
+                w.name: set(st.get("partitions", {}).get(settings.topic_raw, []))  # type: ignore[union-attr]
+                for w, st in zip(workers, stats, strict=True)
+            }
+            parts = [p for ps in owners.values() for p in ps]
+            if all(owners.values()) and sorted(parts) == list(range(settings.partitions)):
+                return owners
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the workers did not settle in {timeout}s: {owners}")
 
 
 async def _wait_progress(
@@ -80,34 +110,37 @@ async def _check(settings: Settings, count: int) -> None:
     assert dlq.actual > 0
 
 
+async def _feed_until(settings: Settings, stop: asyncio.Event, seed: int, rate: float) -> int:
+    """Produce chunks of generated records at ``rate`` until ``stop`` is set; the count."""
+    count, chunk = 0, 0
+    while not stop.is_set():
+        records = generate(500, seed=seed + chunk, dup_rate=0.3, bad_rate=0.01, prefix=f"c{chunk}")
+        count += await produce(settings.bootstrap_servers, settings.topic_raw, records, rate=rate)
+        chunk += 1
+    return count
+
+
 @pytest.mark.slow
 async def test_kill9_single_worker_stays_exactly_once(
     settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
-    count, seed = 20_000, 7
-    rng = random.Random(seed)
+    rng = random.Random(7)
     worker = make_worker()
     worker.start()
-    feeder = asyncio.create_task(
-        produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=seed, dup_rate=0.3, bad_rate=0.01),
-            rate=1500,
-        )
-    )
-    kills: list[int] = []
+    # Input flows until the last kill, however long the restarts take, so every
+    # incarnation is killed while it processes a live stream, never after it drained.
+    stop = asyncio.Event()
+    feeder = asyncio.create_task(_feed_until(settings, stop, seed=7, rate=1500))
     for _ in range(4):
         # Kill only once this incarnation is processing, at a random moment after.
         await worker.wait_seen(1, timeout=90)
         await asyncio.sleep(rng.uniform(0.0, 1.5))
-        done, _total = await progress(settings)
+        assert not feeder.done(), "the feeder stopped early"
         worker.kill9()
-        kills.append(done)
         worker.start()
-    assert await feeder == count
+    stop.set()
+    count = await feeder
     await wait_drained(settings, [worker], timeout=240)
-    assert len(kills) >= 3
     await _check(settings, count)
 
 
@@ -115,52 +148,88 @@ async def test_kill9_single_worker_stays_exactly_once(
 async def test_two_workers_rebalance_under_load(
     settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
-    count, seed = 20_000, 11
     a, b = make_worker("a"), make_worker("b")
     a.start()
     b.start()
-    feeder = asyncio.create_task(
-        produce(
-            settings.bootstrap_servers,
-            settings.topic_raw,
-            generate(count, seed=seed, dup_rate=0.3, bad_rate=0.01),
-            rate=1200,
-        )
-    )
+    stop = asyncio.Event()
+    feeder = asyncio.create_task(_feed_until(settings, stop, seed=11, rate=1200))
     done = await _wait_progress(settings, 0, [a, b], timeout=90)
-    # b dies; its partitions move to a while traffic flows.
+    # b dies while input flows; each of its partitions must move to a.
+    held = (await _settled_owners(settings, [a, b], timeout=120))["b"]
     b.kill9()
-    await _wait_every_partition_moves(settings, [a], timeout=120)
+    await _wait_every_partition_moves(settings, [a], timeout=120, must=held)
     done = await _wait_progress(settings, done + 2000, [a], timeout=120)
-    # b comes back (another rebalance), then a dies and b takes everything.
+    # b comes back (another rebalance); once both own partitions, a dies and b takes
+    # every one of them, still while input flows.
     b.start()
-    await asyncio.sleep(8)
-    done = await _wait_progress(settings, done, [a, b], timeout=90)
+    held = (await _settled_owners(settings, [a, b], timeout=120))["a"]
+    await _wait_progress(settings, done, [a, b], timeout=90)
+    assert not feeder.done(), "the feeder stopped early"
     a.kill9()
-    await _wait_every_partition_moves(settings, [b], timeout=120)
-    assert await feeder == count
+    await _wait_every_partition_moves(settings, [b], timeout=120, must=held)
+    stop.set()
+    count = await feeder
     await wait_drained(settings, [a, b], timeout=240)
     await _check(settings, count)
 
 
-@pytest.mark.parametrize("step", COMMIT_STEPS, ids=[s.value for s in COMMIT_STEPS])
+#: The stage whose transaction each crash test interrupts: every step is crashed in one
+#: stage, and every stage is crashed at some step.
+STAGES = ("raw", "unique", "deltas")
+CRASH_CASES = [
+    pytest.param(step, STAGES[i % len(STAGES)], id=f"{step.value}-{STAGES[i % len(STAGES)]}")
+    for i, step in enumerate(COMMIT_STEPS)
+]
+
+
+def _stage_topic(settings: Settings, stage: str) -> str:
+    return {
+        "raw": settings.topic_raw,
+        "unique": settings.topic_unique,
+        "deltas": settings.deltas_topic,
+    }[stage]
+
+
+@pytest.mark.parametrize(("step", "stage"), CRASH_CASES)
 async def test_crash_at_commit_step(
-    step: Step, settings: Settings, make_worker: Callable[..., Worker]
+    step: Step, stage: str, settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
-    count = 4000
-    assert await feed(settings, count, seed=3, dup_rate=0.3, bad_rate=0.02) == count
-    worker = make_worker()
-    # Die at the 4th commit that reaches the step, so some state is already committed.
-    worker.start(
-        PIPELINE_CRASH_AT=step.value, PIPELINE_CRASH_AFTER="3", PIPELINE_COMMIT_INTERVAL_S="0.05"
-    )
-    code = await asyncio.to_thread(worker.wait_exit, 120)
-    assert code == EXIT_INJECTED, f"worker did not crash at {step}: {code}\n{worker.log_tail()}"
-    done, total = await progress(settings)
-    assert done < total, "the crash came after all work was done; it proves nothing"
+    """kill at a commit step, in a stage's transaction that holds work, after state of
+    every stage was committed: the restarted worker recovers exactly-once.
+
+    Commits every second and never early (no quiet commits), so a transaction gathers
+    events even on a slow machine; the crash waits for one holding at least
+    ``min_events`` of the stage's events (enough that some wrote table rows).
+    """
+    slow = {"PIPELINE_COMMIT_INTERVAL_S": "1.0", "PIPELINE_COMMIT_QUIET_S": "0"}
+    worker = make_worker(**slow)
+    # First some committed state in every stage, and an orderly stop.
+    assert await feed(settings, 2000, seed=3, dup_rate=0.3, bad_rate=0.02) == 2000
     worker.start()
     await wait_drained(settings, [worker], timeout=180)
-    await _check(settings, count)
+    worker.stop()
+    assert await feed(settings, 3000, seed=4, dup_rate=0.3, bad_rate=0.02, prefix="p") == 3000
+    topic = _stage_topic(settings, stage)
+    min_events = 20 if stage == "raw" else 5
+    worker.start(
+        PIPELINE_CRASH_AT=step.value,
+        PIPELINE_FAULT_TOPIC=topic,
+        PIPELINE_FAULT_MIN_EVENTS=str(min_events),
+    )
+    code = await asyncio.to_thread(worker.wait_exit, 180)
+    assert code == EXIT_INJECTED, f"worker did not crash at {step}: {code}\n{worker.log_tail()}"
+    if COMMIT_STEPS.index(step) <= COMMIT_STEPS.index(Step.COMMIT):
+        # The transaction never committed: its events are still to do.
+        ends = await record_ends(settings.bootstrap_servers, topic)
+        committed = await committed_offsets(settings.bootstrap_servers, settings.app_id, topic)
+        assert any((committed.get(p) or 0) < end for p, end in ends.items())
+    worker.start()
+    await wait_drained(settings, [worker], timeout=180)
+    if step is Step.PERSIST:
+        # Committed but never written to RocksDB: the restart restored it from the changelog.
+        restarted = worker.log_path.read_text(errors="replace").rsplit("=== start #", 1)[-1]
+        assert re.search(r"restored [1-9]\d* changelog records", restarted), restarted[-3000:]
+    await _check(settings, 5000)
 
 
 async def test_at_least_once_mode_processes_everything(

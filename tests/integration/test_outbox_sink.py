@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -35,11 +36,15 @@ from pipeline.models import OrderEvent, parse_event
 from pipeline.procs import ROOT
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
+from pipeline.shop import lifecycles
 from tables.orders import Change, Coupon, Order, Rejected, transition
 
 from .harness import Worker, wait_drained
 
 pytestmark = pytest.mark.integration
+
+#: A chaos run fails when no outbox row was written or published for this long.
+NO_PROGRESS_S = 60.0
 
 
 @pytest.fixture
@@ -118,6 +123,8 @@ class Proc:
         return self.proc.wait(timeout=timeout)
 
     def log(self) -> str:
+        if not self.log_path.exists():
+            return ""  # never started
         return self.log_path.read_text(errors="replace")
 
     def tail(self, n: int = 40) -> str:
@@ -208,10 +215,64 @@ def scalar(url: str, sql: str) -> Any:
         e.dispose()
 
 
+def outbox_counts(url: str) -> tuple[int, int, int]:
+    """Outbox rows written, published, and pending (neither published nor failed)."""
+    e = db.engine_for(url)
+    try:
+        with e.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT count(*), count(published_ms), coalesce(sum(CASE WHEN"
+                    " published_ms IS NULL AND error IS NULL THEN 1 ELSE 0 END), 0) FROM outbox"
+                )
+            ).one()
+        return int(row[0]), int(row[1]), int(row[2])
+    finally:
+        e.dispose()
+
+
 def pending_rows(url: str) -> int:
     return int(
         scalar(url, "SELECT count(*) FROM outbox WHERE published_ms IS NULL AND error IS NULL")
     )
+
+
+def bucket_holders(url: str) -> dict[int, int]:
+    """Per backend pid, how many outbox buckets its session holds (advisory locks)."""
+    e = db.engine_for(url)
+    try:
+        with e.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND classid::bigint = :ns AND objsubid = 2 AND database ="
+                    " (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    " GROUP BY pid"
+                ),
+                {"ns": outbox.LOCK_BUCKET},
+            ).all()
+        return {int(r[0]): int(r[1]) for r in rows}
+    finally:
+        e.dispose()
+
+
+async def wait_bucket_holders(
+    url: str, done: Callable[[dict[int, int]], bool], what: str, *relays: Proc
+) -> dict[int, int]:
+    """Until the buckets' holders satisfy ``done``; fails after 60 s with a diagnosis."""
+    deadline = time.monotonic() + 60
+    while True:
+        holders = await asyncio.to_thread(bucket_holders, url)
+        if done(holders):
+            return holders
+        for r in relays:
+            assert r.alive, f"{r.name} died waiting for {what}:\n{r.tail()}"
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no {what} in 60 s; buckets held per backend pid: {holders}\n"
+                + "\n".join(f"--- {r.name}:\n{r.tail()}" for r in relays)
+            )
+        await asyncio.sleep(0.1)
 
 
 async def wait_sink_caught_up(settings: Settings, url: str, sink: Proc, timeout: float) -> None:
@@ -253,13 +314,17 @@ async def full_path(
     writer_rate: float | None = None,
 ) -> None:
     rng = random.Random(5)
+    half = orders // 2
+    halves = (("a", half), ("b", orders - half))
+    total = sum(
+        sum(1 for _ in lifecycles(n, seed=i + 1, prefix=p)) for i, (p, n) in enumerate(halves)
+    )
     schema = db.engine_for(url)
     db.create_schema(schema)
     schema.dispose()
     worker = make_worker("w")
     worker.start()
     # Two application processes write concurrently, as a real service with two instances.
-    half = orders // 2
     rate = ["--rate", str(writer_rate)] if writer_rate else []
     writers = [
         procs(
@@ -279,7 +344,7 @@ async def full_path(
             ],
             env,
         )
-        for i, (p, n) in enumerate((("a", half), ("b", orders - half)))
+        for i, (p, n) in enumerate(halves)
     ]
     for w in writers:
         w.start()
@@ -291,52 +356,91 @@ async def full_path(
     # The first incarnation of relay0 dies right after publishing its third batch: at least
     # that batch is published twice, whatever the random kills below hit.
     relays[0].start("--crash-after-publish", "3")
+    # relay1 starts once relay0 owns buckets (on SQLite: holds the lease), so relay0
+    # certainly publishes its three batches while the writers still write.
+    deadline = time.monotonic() + 60
+    while "owns" not in relays[0].log():
+        assert relays[0].alive and time.monotonic() < deadline, relays[0].tail()
+        await asyncio.sleep(0.1)
     relays[1].start()
     sink = procs("sink", ["sink", "--db", url, "--batch", "500"], env)
     sink.start()
 
+    # The chaos comes at points of progress (fractions of the outbox rows published), not
+    # of wall time, so that every run gets all of it, in the middle of the work, however
+    # fast the machine writes and relays; the loop does not end before it all happened.
+    chaos_plan = sorted(
+        [((i + rng.random()) / 8, "relay") for i in range(1, 7)]
+        + [((i + rng.random()) / 6, "sink") for i in range(1, 5)]
+        + ([(0.4 + rng.random() / 10, "postgres")] if restart_postgres else [])
+    )
     started = time.monotonic()
-    next_relay_kill = started + 2.0
-    next_sink_kill = started + 3.0
     pg_restarted = False
+    last = (-1, -1)
+    last_progress = started
+    timeline: list[str] = []
+    writers_done: float | None = None
     while True:
         now = time.monotonic()
         writing = any(w.alive for w in writers)
-        pending = pending_rows(url)
+        if not writing and writers_done is None:
+            writers_done = now - started
+            timeline.append(f"writers done at {writers_done:.1f} s")
+        written, published, pending = outbox_counts(url)
+        if (written, published) != last:
+            last, last_progress = (written, published), now
         if not writing:
             for w in writers:
                 assert w.wait(0) == 0, w.tail()
             if pending == 0:
-                break
-        assert now - started < 300, "outbox not drained in 300 s:\n" + relays[0].tail()
+                assert written == published == total, (
+                    f"{written} rows written, {published} published, of {total}"
+                )
+                if not chaos_plan:
+                    break
+        assert now - last_progress < NO_PROGRESS_S, (
+            f"no outbox row written or published for {NO_PROGRESS_S:.0f} s: {published} of"
+            f" {total} published, {pending} pending, writers alive:"
+            f" {[w.alive for w in writers]}, chaos still due at:"
+            f" {[f'{what} {at:.0%}' for at, what in chaos_plan]}\n"
+            + "\n".join(f"--- {r.name}:\n{r.tail()}" for r in relays)
+        )
         for r in relays:
             if not r.alive:
                 r.start()  # the crashed first incarnation, or one killed below
         if not sink.alive:
             sink.start()
-        if now >= next_relay_kill:
-            victim = rng.choice(relays)
-            victim.kill9()
-            await asyncio.sleep(rng.uniform(0.2, 1.0))
-            victim.start()
-            next_relay_kill = time.monotonic() + rng.uniform(1.5, 3.5)
-        if now >= next_sink_kill:
-            sink.kill9()
-            await asyncio.sleep(rng.uniform(0.2, 1.0))
-            sink.start()
-            next_sink_kill = time.monotonic() + rng.uniform(3.0, 6.0)
-        if restart_postgres and not pg_restarted and now - started > 15:
-            # Everything (writers, relays, sink, LISTEN) rides out a database restart.
-            await asyncio.to_thread(
-                subprocess.run,
-                ["bash", str(ROOT / "scripts/postgres"), "restart"],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            pg_restarted = True
+        if chaos_plan and published >= chaos_plan[0][0] * total:
+            _, what = chaos_plan.pop(0)
+            timeline.append(f"{what} at {now - started:.1f} s ({published}/{total})")
+            if what == "relay":
+                # relay0's first incarnation is spared: its crash after its third batch
+                # is what makes a republished batch certain.
+                victim = relays[1] if relays[0].starts == 1 else rng.choice(relays)
+                victim.kill9()
+                await asyncio.sleep(rng.uniform(0.2, 1.0))
+                victim.start()
+            elif what == "sink":
+                sink.kill9()
+                await asyncio.sleep(rng.uniform(0.2, 1.0))
+                sink.start()
+            else:
+                # Everything (writers, relays, sink, LISTEN) rides out a database restart.
+                await asyncio.to_thread(
+                    subprocess.run,
+                    ["bash", str(ROOT / "scripts/postgres"), "restart"],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+                pg_restarted = True
+                timeline.append(f"postgres up at {time.monotonic() - started:.1f} s")
+            last_progress = time.monotonic()
         await asyncio.sleep(0.2)
     assert pg_restarted or not restart_postgres
+    timeline.append(f"outbox drained at {time.monotonic() - started:.1f} s")
+    print("\n" + ", ".join(timeline))
+    assert "test crash between publish and mark" in relays[0].log(), relays[0].tail()
     assert sum(r.kills for r in relays) >= 4, "relays were not killed repeatedly"
     assert sink.kills >= 3, "the sink was not killed repeatedly"
 
@@ -433,6 +537,9 @@ async def test_full_path_postgres_kill9_relays_and_sink_and_restart_postgres(
         procs=procs,
         orders=10_000,
         restart_postgres=True,
+        # Events per second per writer: writing lasts at least ~20 s on any machine, so
+        # the chaos, due at points of progress, lands while rows are being written.
+        writer_rate=600,
     )
 
 
@@ -452,7 +559,8 @@ async def test_full_path_sqlite_shortened(
         procs=procs,
         orders=1_500,
         restart_postgres=False,
-        # Events per second per writer: writing lasts ~20 s, long enough for repeated kills.
+        # Events per second per writer: writing lasts ~20 s, so the chaos, due at points
+        # of progress, lands while rows are being written.
         writer_rate=90,
     )
 
@@ -490,17 +598,31 @@ async def test_two_relays_share_buckets_in_key_order_and_skip_a_bad_row(
     r1 = procs("r1", ["outbox-relay", "--db", pg_url, "--batch", "100"], env)
     r2 = procs("r2", ["outbox-relay", "--db", pg_url, "--batch", "100"], env)
     r1.start()
-    for batch in range(10):
+    for batch in range(4):
         await asyncio.to_thread(write, batch)
-        if batch == 3:
-            r2.start()
-        await asyncio.sleep(0.3)
+    # r1 holds every bucket before r2 joins, so that r2's share is handed over by r1...
+    holders = await wait_bucket_holders(
+        pg_url, lambda h: list(h.values()) == [outbox.BUCKETS], "r1 to own every bucket", r1
+    )
+    (r1_pid,) = holders
+    r2.start()
+
+    def handed_over(h: dict[int, int]) -> bool:
+        # r1 is down to its share of two, r2 (the other session) holds some, and r2 says
+        # so itself (it logs what it owns once it has taken it).
+        r2_owns = sum(n for pid, n in h.items() if pid != r1_pid)
+        r2_says = re.search(rf"owns [1-9]\d* of {outbox.BUCKETS} buckets", r2.log())
+        return h.get(r1_pid, 0) <= outbox.BUCKETS // 2 and r2_owns > 0 and r2_says is not None
+
+    # ...and the remaining batches are written only once it has been: they land in both
+    # relays' buckets (200 keys over 64 buckets), so both publish some of them.
+    await wait_bucket_holders(pg_url, handed_over, "r1 to hand buckets to r2", r1, r2)
+    for batch in range(4, 10):
+        await asyncio.to_thread(write, batch)
     deadline = time.monotonic() + 60
     while pending_rows(pg_url):
         assert time.monotonic() < deadline, r1.tail() + r2.tail()
         await asyncio.sleep(0.3)
-    # r2 got a share of the buckets and published some of the rows.
-    await asyncio.sleep(1.5)
     for r in (r1, r2):
         assert r.alive, r.tail()
         r.proc.terminate()  # type: ignore[union-attr]

@@ -15,11 +15,44 @@ from pipeline.eos import SettlingConsumer
 TP0 = TP("orders.raw", 0)
 
 
+#: Only a hang ends a wait this long; no verdict depends on it.
+HANG_S = 30.0
+
+
+class Watched:
+    """A channel's view of its stream buffer that counts the waiter's looks at it."""
+
+    def __init__(self, queue: FlowControlQueue[int]) -> None:
+        self.queue = queue
+        self.polls = 0
+
+    def qsize(self) -> int:
+        self.polls += 1
+        return self.queue.qsize()
+
+    def full(self) -> bool:
+        return self.queue.full()
+
+    @property
+    def pressure_drop_size(self) -> int:
+        return self.queue.pressure_drop_size
+
+
+async def polled(view: Watched, times: int) -> None:
+    """Until the waiter has looked at the buffer ``times`` more times (or returned)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANG_S
+    want = view.polls + times
+    while view.polls < want:
+        assert loop.time() < deadline, f"the waiter did not poll {times} times in {HANG_S:.0f} s"
+        await asyncio.sleep(0.001)
+
+
 def consumer(maxsize: int = 10) -> tuple[Any, FlowControlQueue[int]]:
     flow = FlowControlEvent()
     flow.resume()
     queue: FlowControlQueue[int] = FlowControlQueue(maxsize=maxsize, flow_control=flow)
-    chan = SimpleNamespace(queue=queue)
+    chan = SimpleNamespace(queue=Watched(queue))
     fake = SimpleNamespace(
         suspend_flow=asyncio.Event(),
         should_stop=False,
@@ -30,6 +63,11 @@ def consumer(maxsize: int = 10) -> tuple[Any, FlowControlQueue[int]]:
         ),
     )
     return fake, queue
+
+
+def watched(fake: Any) -> Watched:
+    view: Watched = fake.app.topics._tp_index[TP0][0].queue
+    return view
 
 
 MSG = SimpleNamespace(tp=TP0)
@@ -51,17 +89,21 @@ async def test_a_full_buffer_is_waited_out_down_to_the_low_water_mark() -> None:
     fake, queue = consumer(maxsize=10)
     for i in range(10):
         queue.put_nowait(i)
+    view = watched(fake)
     waiter = asyncio.ensure_future(SettlingConsumer._wait_for_room(fake, MSG, poll_s=0.001))
     taken = 0
     # One record taken leaves room, but not down to 40%: still waiting.
     queue.get_nowait()
     taken += 1
-    await asyncio.sleep(0.01)
+    await polled(view, 2)  # it saw the buffer after the take, and went on waiting
     assert not waiter.done()
     while queue.qsize() > queue.pressure_drop_size:
         queue.get_nowait()
         taken += 1
-    await asyncio.wait_for(waiter, 1.0)
+    # The first look at the buffer down at the mark ends the wait.
+    await polled(view, 1)
+    assert waiter.done(), f"still waiting with {queue.qsize()} records in the buffer"
+    await waiter
     assert queue.qsize() == 4 and taken == 6
     assert SettlingConsumer._blocker(fake, MSG) is None
 
@@ -70,10 +112,11 @@ async def test_a_rebalance_ends_the_wait() -> None:
     fake, queue = consumer(maxsize=10)
     for i in range(10):
         queue.put_nowait(i)
+    view = watched(fake)
     waiter = asyncio.ensure_future(SettlingConsumer._wait_for_room(fake, MSG, poll_s=0.001))
-    await asyncio.sleep(0.01)
+    await polled(view, 2)
     assert not waiter.done()
     fake.suspend_flow.set()
-    await asyncio.wait_for(waiter, 1.0)
+    await asyncio.wait_for(waiter, HANG_S)
     assert queue.qsize() == 10
     assert SettlingConsumer._blocker(fake, MSG) == "suspended"

@@ -7,7 +7,9 @@ the same code against the real broker and Faust.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 from faust.types import TP
@@ -16,6 +18,7 @@ from pipeline.eos import Coordinator, KnownRecords
 from pipeline.settings import Settings
 
 TP0 = TP("orders.raw", 0)
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,6 +57,27 @@ class Stream:
             raise StopAsyncIteration
         self.current_event = event
         return event.message.offset
+
+
+#: Only a hang ends a wait this long; no verdict depends on it.
+HANG_S = 30.0
+
+
+async def until(cond: Callable[[], bool], what: str) -> None:
+    """Yield to the loop until ``cond()``; fail after :data:`HANG_S`, naming ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANG_S
+    while not cond():
+        assert loop.time() < deadline, f"waited {HANG_S:.0f} s for {what}"
+        await asyncio.sleep(0.001)
+
+
+async def finished(aw: Awaitable[T], what: str) -> T:
+    """Await ``aw``; fail after :data:`HANG_S`, naming ``what``."""
+    try:
+        return await asyncio.wait_for(aw, HANG_S)
+    except TimeoutError:
+        raise AssertionError(f"waited {HANG_S:.0f} s for {what}") from None
 
 
 async def collect(coord: Coordinator, stream: Stream) -> list[int]:
@@ -158,14 +182,18 @@ def test_events_before_the_recovery_ends_are_skipped_then_fetched_again() -> Non
         stream = Stream()
         stream.put(ev(10))
         task = asyncio.ensure_future(collect(coord, stream))
-        await asyncio.sleep(0.05)
-        assert stream.queue.empty()  # taken, and let go at once
+        await until(lambda: coord.skipped == 1, "the early event to be skipped")
+        assert stream.queue.empty() and not task.done()  # taken, and let go at once
         coord.recovered({TP0: 10})
-        await asyncio.sleep(0.05)
+        assert coord._settling is not None, "recovered() started no settling"
+        await finished(coord._settling, "the settling to end")
+        assert coord.settled
+        assert coord._reseek_task is not None, "settling started no seek"
+        await finished(coord._reseek_task, "the seek after settling to end")
         assert log.seeks == [10]  # settling fetches every partition again
         stream.put(ev(10), ev(11), ev(12))  # after that seek
         stream.queue.put_nowait(None)
-        return await asyncio.wait_for(task, 2)
+        return await finished(task, "the stream to end")
 
     assert asyncio.run(go()) == [10, 11, 12]
     assert coord.skipped == 1
@@ -192,8 +220,10 @@ def test_a_rebalance_during_the_broker_check_drops_the_event() -> None:
     meanwhile. The event must not be processed into the next transaction."""
     coord, _ = make(set(range(100)), committed=10)
     release = asyncio.Event()
+    checking = asyncio.Event()
 
     async def slow_first_record(tp: TP, start: int) -> int | None:
+        checking.set()
         await release.wait()
         return None  # no committed record in between: the jump would be fine
 
@@ -203,14 +233,17 @@ def test_a_rebalance_during_the_broker_check_drops_the_event() -> None:
         stream = Stream()
         stream.put(ev(12))  # 10, 11 are markers in this story
         task = asyncio.ensure_future(collect(coord, stream))
-        await asyncio.sleep(0.05)
+        # Not skipped on the way in: the event is inside the broker check.
+        await finished(checking.wait(), "the event to reach the broker check")
+        assert coord.skipped == 0
         coord.unsettle()  # the rebalance starts while the check is out
         release.set()
-        await asyncio.sleep(0.05)
         stream.queue.put_nowait(None)
-        return await asyncio.wait_for(task, 1)
+        return await finished(task, "the stream to end")
 
     assert asyncio.run(go()) == []
+    assert coord.skipped == 1
+    assert coord.partitions[TP0].expected == 10  # not taken as processed either
 
 
 def test_the_end_of_a_superseded_recovery_does_not_settle() -> None:
@@ -222,9 +255,9 @@ def test_the_end_of_a_superseded_recovery_does_not_settle() -> None:
 
     async def go() -> None:
         coord.recovered({TP0: 10})
-        await asyncio.sleep(0.05)
 
     asyncio.run(go())
+    assert coord._settling is None, "a superseded recovery started settling"
     assert not coord.settled
 
 

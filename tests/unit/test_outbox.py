@@ -156,16 +156,34 @@ def test_published_prefix_marks_only_per_key_prefixes(items: list[tuple[bytes, b
     assert all(items[i][1] for i in marked)
 
 
+def lease(engine: Engine) -> tuple[str, int]:
+    with engine.connect() as conn:
+        row = conn.execute(select(db.outbox_lease)).one()
+    return row.owner, row.expires_ms
+
+
 def test_sqlite_lease_one_relay_at_a_time(engine: Engine) -> None:
-    a, b = Claims(engine, "a", lease_s=0.5), Claims(engine, "b", lease_s=0.5)
+    # A lease far longer than any stall of a loaded machine: it only ends where the test
+    # ends it, so no step below depends on how fast the one before it ran.
+    a, b = Claims(engine, "a", lease_s=60), Claims(engine, "b", lease_s=60)
+    before = db.now_ms()
     assert a.refresh() == set(range(BUCKETS))
     assert b.refresh() == set()
+    first = lease(engine)
+    assert first[0] == "a" and first[1] >= before + 60_000
+    before = db.now_ms()
     assert a.refresh() == set(range(BUCKETS))  # renewal
+    renewed = lease(engine)
+    assert renewed[0] == "a" and renewed[1] >= before + 60_000
     # a stops renewing (crashed): b takes over once the lease has expired
     with engine.begin() as conn:
         conn.execute(update(db.outbox_lease).values(expires_ms=db.now_ms() - 1))
+    before = db.now_ms()
     assert b.refresh() == set(range(BUCKETS))
+    owner, expires = lease(engine)
+    assert owner == "b" and expires >= before + 60_000
     assert a.refresh() == set()
+    assert lease(engine) == (owner, expires)  # a's refresh neither took nor renewed it
 
 
 def test_fetch_in_id_order_skips_published_and_failed(engine: Engine) -> None:

@@ -1,0 +1,66 @@
+"""A zombie: a worker frozen in the middle of a commit, whose partitions another worker
+takes over, must write nothing when it wakes.
+
+The worker pauses in every commit of the dedup stage at step 5 (``PIPELINE_DELAY_AT``),
+after its outputs and offsets are in the transaction and before it commits, so the
+SIGSTOP certainly freezes it with an open transaction that holds events. The new owner's
+``InitProducerId`` for the same ``transactional.id`` aborts that transaction and fences
+the frozen producer; when the zombie wakes, its commit is refused and it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import pytest
+
+from pipeline.eos import EXIT_COMMIT_FAILED, Step
+from pipeline.reconcile import reconcile
+from pipeline.settings import Settings
+
+from .harness import Worker, feed, wait_drained
+
+pytestmark = pytest.mark.integration
+
+
+async def _wait_log(worker: Worker, text: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while text not in worker.log_path.read_text(errors="replace"):
+        if loop.time() > deadline or not worker.alive:
+            raise AssertionError(f"{text!r} not in {worker.name}'s log\n{worker.log_tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def test_zombie_in_the_middle_of_a_commit_is_fenced(
+    settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    count = 3000
+    assert await feed(settings, count, seed=17, dup_rate=0.3, bad_rate=0.01) == count
+    zombie = make_worker("zombie")
+    zombie.start(
+        PIPELINE_DELAY_AT=Step.COMMIT.value,
+        PIPELINE_DELAY_S="40",
+        PIPELINE_FAULT_TOPIC=settings.topic_raw,
+        PIPELINE_FAULT_MIN_EVENTS="1",
+    )
+    await _wait_log(zombie, "fault injection: delaying commit step 'commit'", timeout=120)
+    assert zombie.proc is not None
+    zombie.proc.send_signal(signal.SIGSTOP)
+    try:
+        heir = make_worker("heir")
+        heir.start()
+        # The heir can own the partitions only after the zombie's session expired, and
+        # processes them only after its InitProducerId fenced the zombie's transactions.
+        await wait_drained(settings, [heir], timeout=240)
+    finally:
+        zombie.proc.send_signal(signal.SIGCONT)
+    code = await asyncio.to_thread(zombie.wait_exit, 60)
+    log = zombie.log_path.read_text(errors="replace")
+    assert code == EXIT_COMMIT_FAILED, zombie.log_tail()
+    assert "ProducerFenced" in log or "InvalidProducerEpoch" in log, zombie.log_tail()
+    heir.stop()
+    report = await reconcile(settings)
+    assert report.ok, report.render()
