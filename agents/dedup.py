@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.codecs import dlq_value
+from pipeline.codecs import dlq_key, dlq_value
 from pipeline.models import BadInput, parse_event
 from pipeline.sending import direct_send
 from tables.dedup import decide, decode_seen, encode_seen, expired
@@ -110,7 +110,7 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
             elif isinstance(action, Drop):
                 stats.duplicates_dropped += 1
             else:
-                await send(dlq_topic, msg.key, action.value)
+                await send(dlq_topic, dlq_key(msg.key), action.value)
                 stats.dlq += 1
             p = msg.partition
             if record_ms > stream_ms.get(p, record_ms - 1):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pipeline.codecs import dlq_value
+from pipeline.codecs import dlq_key, dlq_value
 from pipeline.models import BadInput, parse_event
 from pipeline.sending import direct_send
 from tables.orders import (
@@ -73,7 +73,7 @@ def decide_order(
         # others may write to: never stall on it.
         topic, partition, offset = where
         dlq = dlq_value(parsed.reason, topic, partition, offset, value)
-        return OrderStep(sends=[Send("dlq", key or b"", dlq)])
+        return OrderStep(sends=[Send("dlq", dlq_key(key) or b"", dlq)])
     okey = parsed.order_id.encode()
     raw = lookup(okey)
     before = Order.decode(raw) if raw is not None else None
@@ -150,7 +150,7 @@ def decide_balance(
         # An internal topic, but a foreign or corrupt record must not stall it either.
         topic, partition, offset = where
         return Send(
-            "dlq", b"", dlq_value(f"bad balance delta: {exc}", topic, partition, offset, value)
+            "dlq", b"", dlq_value(f"bad balance delta: {exc!r}", topic, partition, offset, value)
         )
     ukey = delta.user_id.encode()
     raw = lookup(ukey)

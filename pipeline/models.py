@@ -15,6 +15,41 @@ import orjson
 MAX_VALUE_BYTES = 1024 * 1024
 MAX_ID_CHARS = 128
 MAX_AMOUNT = 2**63
+#: ``ts_ms`` is 0 <= n < 2^63: a signed 64-bit column (or Kafka timestamp) holds it.
+MAX_TS_MS = 2**63
+#: characters no id may contain (the contract's U+0000-U+001F and U+007F)
+_CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
+#: how much of a value from the input a reason may quote
+EXCERPT_CHARS = 40
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """A short, printable quote of a value from the input, for a reason.
+
+    Input may be megabytes long or full of control characters: a reason quotes at most
+    ``limit`` characters of it (escaped, as ``repr`` does) and says how long it was.
+    Anything but a string is named by its JSON kind only.
+    """
+    if isinstance(value, bytes):
+        if len(value) <= limit:
+            return repr(value.decode("utf-8", errors="replace"))
+        head = value[: limit * 4].decode("utf-8", errors="replace")[:limit]
+        return f"{head!r}... ({len(value)} bytes)"
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return f"<{_JSON_KINDS.get(type(value), type(value).__name__)}>"
+
+
+_JSON_KINDS = {
+    dict: "object",
+    list: "array",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 class EventType(StrEnum):
@@ -69,7 +104,14 @@ def _id_error(name: str, value: object) -> str | None:
         return f"field '{name}' must be a string" if value is not None else f"missing '{name}'"
     if not 1 <= len(value) <= MAX_ID_CHARS:
         return f"field '{name}' must have 1 to {MAX_ID_CHARS} characters"
-    return None
+    return _control_error(name, value)
+
+
+def _control_error(name: str, value: str) -> str | None:
+    if _CONTROL.isdisjoint(value):
+        return None
+    at = next(i for i, c in enumerate(value) if c in _CONTROL)
+    return f"field '{name}' has a control character (U+{ord(value[at]):04X} at {at})"
 
 
 def parse_event(raw: bytes | None, key: bytes | None = None) -> OrderEvent | BadInput:
@@ -92,17 +134,23 @@ def parse_event(raw: bytes | None, key: bytes | None = None) -> OrderEvent | Bad
     # Only a string can name a type; a list or object here must not raise (unhashable).
     etype = _TYPES.get(raw_type) if isinstance(raw_type, str) else None
     if etype is None:
-        return BadInput(f"unknown type {doc.get('type')!r}")
+        return BadInput(f"unknown type {excerpt(raw_type)}")
     ts = doc.get("ts_ms")
     if not _is_int(ts):
         return BadInput("missing 'ts_ms'" if ts is None else "field 'ts_ms' must be an integer")
+    if not 0 <= ts < MAX_TS_MS:  # type: ignore[operator]  # an int, checked above
+        return BadInput("field 'ts_ms' must be an integer with 0 <= n < 2^63")
     user_id = doc.get("user_id")
     if etype is EventType.ORDER_CREATED:
         err = _id_error("user_id", user_id)
         if err:
             return BadInput(err)
-    elif user_id is not None and not isinstance(user_id, str):
-        return BadInput("field 'user_id' must be a string")
+    elif user_id is not None:
+        if not isinstance(user_id, str):
+            return BadInput("field 'user_id' must be a string")
+        err = _control_error("user_id", user_id)
+        if err:
+            return BadInput(err)
     amount = doc.get("amount_cents")
     if etype in _NEEDS_AMOUNT or amount is not None:
         if amount is None:
@@ -116,7 +164,7 @@ def parse_event(raw: bytes | None, key: bytes | None = None) -> OrderEvent | Bad
         except UnicodeDecodeError:
             return BadInput("key is not UTF-8")
         if key_text != order_id:
-            return BadInput(f"key {key_text!r} does not equal order_id {order_id!r}")
+            return BadInput(f"key {excerpt(key)} does not equal order_id {excerpt(order_id)}")
     return OrderEvent(
         event_id=doc["event_id"],
         type=etype,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pipeline.models import (
     MAX_AMOUNT,
     MAX_ID_CHARS,
+    MAX_TS_MS,
     MAX_VALUE_BYTES,
     BadInput,
     EventType,
@@ -169,13 +170,55 @@ def test_id_length(field: str, value: str) -> None:
     assert reason == f"field '{field}' must have 1 to {MAX_ID_CHARS} characters"
 
 
-@pytest.mark.parametrize("value", ["OrderTeleported", "ordercreated", "", 3])
+@pytest.mark.parametrize("value", ["OrderTeleported", "ordercreated", ""])
 def test_unknown_type(value: Any) -> None:
     assert bad_reason(with_("OrderShipped", type=value)) == f"unknown type {value!r}"
 
 
+@pytest.mark.parametrize(("value", "kind"), [(3, "number"), (None, "null"), (True, "boolean")])
+def test_unknown_type_not_a_string_is_named_by_kind(value: Any, kind: str) -> None:
+    assert bad_reason(with_("OrderShipped", type=value)) == f"unknown type <{kind}>"
+
+
 def test_missing_type() -> None:
-    assert bad_reason(with_("OrderShipped", type=DELETE)) == "unknown type None"
+    assert bad_reason(with_("OrderShipped", type=DELETE)) == "unknown type <null>"
+
+
+def test_a_reason_never_quotes_input_at_length() -> None:
+    # A 900 kB type name and a 100 kB key: the reasons quote 40 characters and the size.
+    long_type = bad_reason(with_("OrderShipped", type="T" * 900_000))
+    assert long_type == f"unknown type {'T' * 40!r}... (900000 characters)"
+    long_key = bad_reason(enc(VALID["OrderShipped"]), b"\x00" * 100_000)
+    assert long_key == f"key {chr(0) * 40!r}... (100000 bytes) does not equal order_id 'o-1'"
+    assert len(long_key) < 400
+
+
+@pytest.mark.parametrize("value", [-1, MAX_TS_MS, MAX_TS_MS + 1, 2**64 - 1])
+def test_ts_out_of_range(value: int) -> None:
+    reason = bad_reason(with_("OrderShipped", ts_ms=value))
+    assert reason == "field 'ts_ms' must be an integer with 0 <= n < 2^63"
+
+
+def test_ts_at_the_limits_is_valid() -> None:
+    for value in (0, MAX_TS_MS - 1):
+        assert isinstance(parse_event(with_("OrderShipped", ts_ms=value)), OrderEvent)
+
+
+@pytest.mark.parametrize("field", ["event_id", "order_id", "user_id"])
+@pytest.mark.parametrize("char", ["\x00", "\x1f", "\x7f", "\n"])
+def test_ids_without_control_characters(field: str, char: str) -> None:
+    reason = bad_reason(with_("OrderCreated", **{field: f"a{char}b"}))
+    assert reason == f"field '{field}' has a control character (U+{ord(char):04X} at 1)"
+
+
+def test_user_id_with_a_control_character_on_other_types_too() -> None:
+    reason = bad_reason(with_("OrderShipped", user_id="u\x01"))
+    assert reason == "field 'user_id' has a control character (U+0001 at 1)"
+
+
+def test_ids_may_hold_other_unicode() -> None:
+    doc = {**VALID["OrderCreated"], "event_id": "é€\u0080\u00a0😀", "user_id": "ü"}
+    assert isinstance(parse_event(enc(doc)), OrderEvent)
 
 
 def test_missing_ts() -> None:
@@ -312,7 +355,14 @@ def test_never_raises_on_json_dicts(doc: dict[str, Any], key: bytes | None) -> N
     _assert_total(enc(doc), key)
 
 
-ids = st.text(min_size=1, max_size=MAX_ID_CHARS)
+# Any text but the control characters the contract rules out of ids.
+ids = st.text(
+    st.characters(
+        blacklist_categories=("Cs",), blacklist_characters="".join(map(chr, [*range(0x20), 0x7F]))
+    ),
+    min_size=1,
+    max_size=MAX_ID_CHARS,
+)
 amounts = st.integers(min_value=0, max_value=MAX_AMOUNT - 1)
 
 
@@ -324,7 +374,7 @@ def order_events(draw: st.DrawFn) -> OrderEvent:
         event_id=draw(ids),
         type=etype,
         order_id=draw(ids),
-        ts_ms=draw(st.integers(min_value=-(2**63), max_value=2**63 - 1)),
+        ts_ms=draw(st.integers(min_value=0, max_value=MAX_TS_MS - 1)),
         user_id=draw(ids) if etype is EventType.ORDER_CREATED else draw(st.none() | ids),
         amount_cents=draw(amounts) if needs_amount else draw(st.none() | amounts),
     )
