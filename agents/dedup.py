@@ -1,8 +1,11 @@
-"""The dedup agent: ``orders.raw`` -> ``orders.unique`` + ``orders.dlq``.
+"""The dedup agent: the input rekeyed by ``order_id`` -> ``orders.unique``.
 
-The agent iterates, asks the pure operator what to do, writes the table and sends.
-Everything it sends and writes while handling a record commits in the transaction of
-the record's source partition (see :mod:`pipeline.eos`).
+Every copy of an event reaches this stage's partition of its order (see
+:mod:`agents.route`), already validated, with its ``event_id`` in a header and its
+arrival time as the record timestamp. The agent asks the pure decision
+(:func:`tables.dedup.decide`) against the dedup table, writes the table and forwards
+the first copy. Everything it sends and writes while handling a record commits in the
+transaction of the record's source partition (see :mod:`pipeline.eos`).
 """
 
 from __future__ import annotations
@@ -11,15 +14,24 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.codecs import dlq_key, dlq_value
-from pipeline.models import BadInput, parse_event
-from pipeline.sending import direct_send
-from tables.dedup import decide, decode_seen, encode_seen, expired
+from agents.route import EID, SRC, DeadLetter, route_record
+from pipeline.sending import dead_letters, direct_send
+from tables.dedup import (
+    STREAM_KEY,
+    decide,
+    decode_ms,
+    decode_seen,
+    encode_ms,
+    encode_seen,
+    removable,
+)
 
 if TYPE_CHECKING:
     from faust.types import StreamT
 
     from pipeline.topology import Topology
+
+__all__ = ["DeadLetter", "Drop", "Forward", "decide_record", "make_agent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +49,6 @@ class Drop:
     """A duplicate inside the window."""
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    value: bytes
-
-
 def decide_record(
     value: bytes | None,
     key: bytes | None,
@@ -50,16 +57,28 @@ def decide_record(
     lookup: Callable[[bytes], bytes | None],
     window_ms: int,
 ) -> Forward | Drop | DeadLetter:
-    """The whole per-record decision; ``lookup`` reads the dedup state of an id."""
-    parsed = parse_event(value, key)
-    if isinstance(parsed, BadInput):
-        topic, partition, offset = where
-        return DeadLetter(dlq_value(parsed.reason, topic, partition, offset, value))
-    event_id = parsed.event_id.encode()
-    verdict = decide(decode_seen(lookup(event_id)), record_ms, window_ms)
+    """Validation and dedup in one step, for one input partition's records in order.
+
+    The single-hop form of the two stages, used where one process sees every copy in
+    one sequence (the raw-loop and Quix Streams benchmark peers): the stream time is
+    the record's own arrival, so nothing is expired early.
+    """
+    routed = route_record(value, key, where)
+    if isinstance(routed, DeadLetter):
+        return routed
+    verdict = decide(decode_seen(lookup(routed.event_id)), record_ms, record_ms, window_ms, 0)
     if verdict.unique:
-        return Forward(event_id, verdict.first_ms, parsed.order_id.encode())
+        # In one ordered sequence the latest acceptance is the only one a later copy
+        # can fall within the window of: the callers store just that.
+        return Forward(routed.event_id, record_ms, routed.order_key)
     return Drop()
+
+
+def _header(headers: Any, name: str) -> bytes | None:
+    for k, v in headers or ():
+        if k == name:
+            return bytes(v)
+    return None
 
 
 def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
@@ -71,54 +90,57 @@ def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]
     seen_table = topo.dedup_table
     store = topo.dedup_store
     unique_topic = topo.unique.get_topic_name()
-    dlq_topic = topo.dlq.get_topic_name()
     send = direct_send(topo.app)
+    dead_letter = dead_letters(topo.app, topo.dlq.get_topic_name())
     stats = topo.app.stats
     eos = topo.app.eos
-    stream_ms: dict[int, int] = {}
     since_sweep: dict[int, int] = {}
     cursor: dict[int, bytes | None] = {}
 
-    def sweep(partition: int, now_ms: int) -> None:
+    def sweep(partition: int, stream_ms: int) -> None:
+        # Bounded work per record; removes only ids the decision already treats as
+        # absent (expired), so when it runs never changes a verdict.
         rows = store.scan_partition(partition, cursor.get(partition), batch)
         for key, _ in rows:
+            if key.startswith(b"\x00"):
+                continue  # the stream-time row
             current = decode_seen(store.lookup(key))
-            if current is not None and expired(current, now_ms, window_ms, grace_ms):
+            if current and removable(current, stream_ms, window_ms, grace_ms):
                 del seen_table[key]
                 stats.expired_ids += 1
         cursor[partition] = rows[-1][0] + b"\x00" if len(rows) == batch else None
 
-    async def dedup(stream: StreamT) -> None:
-        async for value in eos.each(stream):
-            event = stream.current_event
-            assert event is not None
-            msg = event.message
-            record_ms = round(msg.timestamp * 1000)
-            stats.seen += 1
-            action = decide_record(
-                value,
-                msg.key,
-                record_ms,
-                (msg.topic, msg.partition, msg.offset),
-                store.lookup,
-                window_ms,
+    async def handle(value: bytes | None, msg: Any) -> None:
+        headers = msg.headers
+        event_id = _header(headers, EID)
+        if event_id is None:
+            # Not written by the route stage: a foreign record on an internal topic.
+            raise ValueError(f"no {EID} header: not a record of the route stage")
+        arrival_ms = round(msg.timestamp * 1000)
+        previous = decode_ms(store.lookup(STREAM_KEY))
+        stream_ms = arrival_ms if previous is None else max(previous, arrival_ms)
+        if stream_ms != previous:
+            seen_table[STREAM_KEY] = encode_ms(stream_ms)
+        verdict = decide(
+            decode_seen(store.lookup(event_id)), arrival_ms, stream_ms, window_ms, grace_ms
+        )
+        if verdict.unique:
+            seen_table[event_id] = encode_seen(verdict.accepted)
+            src = _header(headers, SRC)
+            await send(
+                unique_topic, msg.key, value, arrival_ms, [(SRC, src)] if src is not None else None
             )
-            if isinstance(action, Forward):
-                seen_table[action.event_id] = encode_seen(action.first_ms)
-                await send(unique_topic, action.order_key, value)
-                stats.unique += 1
-            elif isinstance(action, Drop):
-                stats.duplicates_dropped += 1
-            else:
-                await send(dlq_topic, dlq_key(msg.key), action.value)
-                stats.dlq += 1
-            p = msg.partition
-            if record_ms > stream_ms.get(p, record_ms - 1):
-                stream_ms[p] = record_ms
-            n = since_sweep.get(p, 0) + 1
-            if n >= sweep_every:
-                n = 0
-                sweep(p, stream_ms[p])
-            since_sweep[p] = n
+            stats.unique += 1
+        else:
+            stats.duplicates_dropped += 1
+        p = msg.partition
+        n = since_sweep.get(p, 0) + 1
+        if n >= sweep_every:
+            n = 0
+            sweep(p, stream_ms)
+        since_sweep[p] = n
+
+    async def dedup(stream: StreamT) -> None:
+        await eos.run(stream, handle, dead_letter)
 
     return dedup

@@ -22,7 +22,7 @@ import orjson
 
 from pipeline.codecs import dlq_key, dlq_value
 from pipeline.models import BadInput, parse_event
-from pipeline.sending import direct_send
+from pipeline.sending import dead_letters, direct_send
 from tables.orders import (
     Balance,
     BalanceDelta,
@@ -111,27 +111,27 @@ def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any,
         "dlq": topo.dlq.get_topic_name(),
     }
     send_to = direct_send(topo.app)
+    dead_letter = dead_letters(topo.app, topics["dlq"])
     stats = topo.app.stats
     eos = topo.app.eos
 
+    async def handle(value: bytes | None, msg: Any) -> None:
+        step = decide_order(value, msg.key, (msg.topic, msg.partition, msg.offset), lookup)
+        if step.key is not None:
+            table[step.key] = step.order
+        for send in step.sends:
+            await send_to(topics[send.kind], send.key, send.value)
+            if send.kind == "changes":
+                stats.changes += 1
+            elif send.kind == "rejected":
+                stats.rejected += 1
+            elif send.kind == "coupons":
+                stats.coupons += 1
+            elif send.kind == "dlq":
+                stats.dlq += 1
+
     async def orders(stream: StreamT) -> None:
-        async for value in eos.each(stream):
-            event = stream.current_event
-            assert event is not None
-            msg = event.message
-            step = decide_order(value, msg.key, (msg.topic, msg.partition, msg.offset), lookup)
-            if step.key is not None:
-                table[step.key] = step.order
-            for send in step.sends:
-                await send_to(topics[send.kind], send.key, send.value)
-                if send.kind == "changes":
-                    stats.changes += 1
-                elif send.kind == "rejected":
-                    stats.rejected += 1
-                elif send.kind == "coupons":
-                    stats.coupons += 1
-                elif send.kind == "dlq":
-                    stats.dlq += 1
+        await eos.run(stream, handle, dead_letter)
 
     return orders
 
@@ -163,19 +163,19 @@ def make_balances_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, An
     lookup = _store(table).lookup
     dlq = topo.dlq.get_topic_name()
     send = direct_send(topo.app)
+    dead_letter = dead_letters(topo.app, dlq)
     stats = topo.app.stats
     eos = topo.app.eos
 
+    async def handle(value: bytes | None, msg: Any) -> None:
+        result = decide_balance(value, (msg.topic, msg.partition, msg.offset), lookup)
+        if isinstance(result, Send):
+            await send(dlq, result.key, result.value)
+            stats.dlq += 1
+        else:
+            table[result[0]] = result[1]
+
     async def balances(stream: StreamT) -> None:
-        async for value in eos.each(stream):
-            event = stream.current_event
-            assert event is not None
-            msg = event.message
-            result = decide_balance(value, (msg.topic, msg.partition, msg.offset), lookup)
-            if isinstance(result, Send):
-                await send(dlq, result.key, result.value)
-                stats.dlq += 1
-            else:
-                table[result[0]] = result[1]
+        await eos.run(stream, handle, dead_letter)
 
     return balances

@@ -13,7 +13,7 @@ from pipeline.settings import Settings
 
 
 def _produce(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.admin import ensure_topics
+    from pipeline.admin import declare_topics
     from pipeline.generate import generate
     from pipeline.kafka_io import produce
 
@@ -26,12 +26,7 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
         return produce_via_outbox(args, settings)
 
     async def run() -> int:
-        await ensure_topics(
-            settings.bootstrap_servers,
-            [settings.topic_raw],
-            settings.partitions,
-            settings.replication,
-        )
+        await declare_topics(settings, [settings.topic_raw])
         records = generate(
             args.count,
             seed=args.seed,

@@ -6,11 +6,34 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
+from pipeline.models import MAX_VALUE_BYTES
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
+
 log = logging.getLogger(__name__)
+
+#: The largest message on a topic that carries an input value whole (orders.raw, the
+#: rekeyed copy, orders.unique): a valid value is up to 1 MiB, plus its key (an id of up
+#: to 128 characters), our headers and the record batch framing. Kafka's default
+#: (1 MiB + 12 bytes) refused the largest valid events. Producers may send this much.
+LARGE_MESSAGE_BYTES = 2 * 1024 * 1024
+#: What such a topic must accept at least, or valid events could not be forwarded.
+NEEDED_MESSAGE_BYTES = MAX_VALUE_BYTES + 16 * 1024
+#: What every other topic the pipeline writes must accept at least: a dead letter is up
+#: to 64 KiB, plus its key and framing; Kafka's default is 1 MiB.
+NEEDED_OUTPUT_BYTES = 80 * 1024
+#: Exit status of a worker that refuses to start on topics it cannot run on safely.
+EXIT_CONFIG = 78
+LARGE_CONFIG = {"max.message.bytes": str(LARGE_MESSAGE_BYTES)}
+#: ``orders.raw``: large messages, and the broker's append time in every record.
+RAW_CONFIG = {**LARGE_CONFIG, "message.timestamp.type": "LogAppendTime"}
 
 
 async def ensure_topics(
@@ -73,3 +96,137 @@ async def drop_topics(bootstrap: str, tag: str) -> list[str]:
         return mine
     finally:
         await admin.close()
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Every topic of the pipeline that it creates when missing, with its configuration.
+
+    ``orders.raw`` keeps the broker's append time in each record
+    (``LogAppendTime``): the dedup window runs on when a copy arrived, which a
+    producer's clock or an outbox backlog cannot fake (``tables/dedup.py``).
+    """
+    return {
+        settings.topic_raw: RAW_CONFIG,
+        settings.by_order_topic: LARGE_CONFIG,
+        settings.topic_unique: LARGE_CONFIG,
+        settings.topic_dlq: {},
+        settings.topic_changes: {},
+        settings.topic_rejected: {},
+        settings.topic_coupons: {},
+        settings.deltas_topic: {},
+        # One record per source partition, rewritten at each commit: compaction keeps
+        # the last (see pipeline.eos, "progress"). Small segments, so that compaction
+        # runs within the hour and a reader at start reads little more than one
+        # record per partition.
+        settings.progress_topic: {
+            "cleanup.policy": "compact",
+            "segment.ms": str(3600 * 1000),
+            "segment.bytes": str(16 * 1024 * 1024),
+        },
+    }
+
+
+async def declare_topics(settings: Settings, names: Iterable[str] | None = None) -> None:
+    """Create the pipeline's topics (or those of ``names``) that do not exist yet."""
+    configs = topic_configs(settings)
+    wanted = list(names) if names is not None else list(configs)
+    groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for name in wanted:
+        groups.setdefault(tuple(sorted(configs.get(name, {}).items())), []).append(name)
+    for config, group in groups.items():
+        await ensure_topics(
+            settings.bootstrap_servers,
+            group,
+            settings.partitions,
+            settings.replication,
+            config=dict(config),
+        )
+
+
+async def topic_problems(settings: Settings, changelogs: Iterable[str] = ()) -> list[str]:
+    """What about the existing topics would make the pipeline unsafe to run, one line
+    each (an empty list: nothing).
+
+    * ``orders.raw`` must keep the append time (``message.timestamp.type``).
+    * Every topic keyed like a table must have the configured partition count: a key
+      hashed to another partition than its state lives in would be processed against
+      an empty table. ``orders.raw`` may have any count: it is rekeyed first.
+    * The topics that carry an input value whole must take the largest valid one.
+    """
+    keyed = [
+        settings.by_order_topic,
+        settings.topic_unique,
+        settings.deltas_topic,
+        *changelogs,
+    ]
+    large = [settings.topic_raw, settings.by_order_topic, settings.topic_unique]
+    written = [
+        settings.topic_dlq,
+        settings.topic_changes,
+        settings.topic_rejected,
+        settings.topic_coupons,
+        settings.deltas_topic,
+        settings.progress_topic,
+        *changelogs,
+    ]
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=10000
+    )
+    await admin.start()
+    problems: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        present = [t for t in dict.fromkeys([*keyed, *large]) if t in existing]
+        counts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(present)}
+        for topic in keyed:
+            n = counts.get(topic)
+            if n is not None and n != settings.partitions:
+                problems.append(
+                    f"topic {topic} has {n} partitions, not PIPELINE_PARTITIONS="
+                    f"{settings.partitions}: its keys would meet another partition's state"
+                    " (see README, 'Changing the partition count')"
+                )
+        configs = await _configs(admin, [t for t in [*large, *written] if t in existing])
+        raw = configs.get(settings.topic_raw, {})
+        if settings.topic_raw in configs and raw.get("message.timestamp.type") != "LogAppendTime":
+            problems.append(
+                f"topic {settings.topic_raw} keeps producer timestamps "
+                f"(message.timestamp.type={raw.get('message.timestamp.type')}); the dedup "
+                "window runs on the broker's append time. Run: kafka-configs.sh "
+                f"--alter --entity-type topics --entity-name {settings.topic_raw} "
+                "--add-config message.timestamp.type=LogAppendTime"
+            )
+        needs = {
+            **dict.fromkeys(written, NEEDED_OUTPUT_BYTES),
+            settings.by_order_topic: NEEDED_MESSAGE_BYTES,
+            settings.topic_unique: NEEDED_MESSAGE_BYTES,
+        }
+        for topic, needed in needs.items():
+            size = int(configs.get(topic, {}).get("max.message.bytes", LARGE_MESSAGE_BYTES))
+            if size < needed:
+                what = (
+                    "a valid event of 1 MiB"
+                    if needed == NEEDED_MESSAGE_BYTES
+                    else "the pipeline's records (a dead letter is up to 64 KiB)"
+                )
+                problems.append(
+                    f"topic {topic} takes messages of at most {size} bytes, less than {what} "
+                    f"needs ({needed}). Run: kafka-configs.sh --alter --entity-type topics "
+                    f"--entity-name {topic} --add-config max.message.bytes={LARGE_MESSAGE_BYTES}"
+                )
+    finally:
+        await admin.close()
+    return problems
+
+
+async def _configs(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, dict[str, str]]:
+    if not topics:
+        return {}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+    out: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(resources):
+        resource: Any
+        for resource in response.resources:
+            _error, _message, _type, name, entries = resource[:5]
+            out[name] = {str(e[0]): str(e[1]) for e in entries}
+    return out

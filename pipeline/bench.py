@@ -38,7 +38,7 @@ from typing import IO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline.admin import drop_topics, ensure_topics
+from pipeline.admin import RAW_CONFIG, drop_topics, ensure_topics
 from pipeline.bench_stats import Run, percentile, render_ratios, render_table
 from pipeline.generate import generate
 from pipeline.kafka_io import partitions_of, produce
@@ -110,7 +110,10 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 async def _workload(bootstrap: str, topics: list[str], raw: str, count: int) -> None:
-    await ensure_topics(bootstrap, topics, 8)
+    # The input as the pipeline declares it (append time, room for 1 MiB values), so
+    # that every system reads the same topic as our workers need it.
+    await ensure_topics(bootstrap, [raw], 8, config=RAW_CONFIG)
+    await ensure_topics(bootstrap, [t for t in topics if t != raw], 8)
     await produce(
         bootstrap,
         raw,
@@ -217,7 +220,7 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         seen0 = int((worker.stats() or {}).get("seen", 0))  # type: ignore[call-overload]
         while True:
             # The dedup stage alone commits only orders.raw; the full chain every stage.
-            done, total = await (drained(s) if stages == "all" else progress(s))
+            done, total = await drained(s, stages)
             if total and done >= total:
                 break
             if not worker.alive:

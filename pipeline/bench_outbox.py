@@ -24,7 +24,7 @@ import orjson
 from sqlalchemy import func, insert, select
 
 from pipeline import db
-from pipeline.admin import ensure_topics
+from pipeline.admin import declare_topics
 from pipeline.generate import Record
 from pipeline.kafka_io import produce
 from pipeline.outbox import Relay, bucket_of
@@ -43,9 +43,7 @@ async def bench(db_url: str, rows: int, settings: Settings) -> dict[str, float]:
     )
     engine = db.engine_for(db_url)
     db.create_schema(engine)
-    await ensure_topics(
-        s.bootstrap_servers, [s.topic_raw, s.topic_changes, s.topic_coupons], s.partitions
-    )
+    await declare_topics(s, [s.topic_raw, s.topic_changes, s.topic_coupons])
     now = db.now_ms()
     values = []
     for n in range(rows):

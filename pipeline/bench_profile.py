@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.admin import drop_topics
 from pipeline.bench import _cpu_seconds, _workload
-from pipeline.procs import Worker, drained, namespaced_env, progress, settings_from
+from pipeline.procs import Worker, drained, namespaced_env, settings_from
 from pipeline.settings import Settings
 
 #: activity -> frames that mark it; a sample counts for the first activity it matches
@@ -95,7 +95,7 @@ async def profile(
             stderr=subprocess.DEVNULL,
         )
         while True:
-            done, total = await (drained(s) if args.stages == "all" else progress(s))
+            done, total = await drained(s, args.stages)
             if total and done >= total:
                 break
             if not worker.alive:

@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline.admin import ensure_topics
+from pipeline.admin import declare_topics
 from pipeline.generate import generate
 from pipeline.kafka_io import partitions_of
 from pipeline.procs import ROOT, Worker, drained, namespaced_env, settings_from
@@ -602,7 +602,7 @@ async def _run(
     for f in faults:
         say(f"  {f}")
     outputs = [s.topic_raw, *run.watch.topics]
-    await ensure_topics(s.bootstrap_servers, outputs, s.partitions, s.replication)
+    await declare_topics(s, outputs)
     records = [
         (r.key, r.value)
         for r in generate(

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -31,9 +32,11 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     create_engine,
     event,
@@ -51,6 +54,27 @@ metadata = MetaData()
 # SQLite only makes an INTEGER PRIMARY KEY an alias of its rowid (autoincrementing);
 # PostgreSQL gets a 64-bit identity.
 _Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class WideCents(TypeDecorator[int]):
+    """Cents that may reach 2^64: NUMERIC(20) on PostgreSQL, read back as ``int``.
+
+    A sum of payments each below 2^63 (an order's ``paid_cents``) can pass a signed
+    64-bit column. SQLite has no exact integer wider than 64 bits, so there it stays an
+    INTEGER and a larger value is refused by the driver (OverflowError).
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Numeric(20, 0, asdecimal=True))
+        return dialect.type_descriptor(BigInteger())
+
+    def process_result_value(self, value: Any, dialect: Any) -> int | None:
+        return None if value is None else int(value)
+
 
 #: The transactional outbox. ``id`` is the commit order per key (see
 #: :func:`pipeline.outbox.add`); ``bucket`` is a hash of the key, the unit a relay owns.
@@ -94,7 +118,8 @@ shop_orders = Table(
     Column("order_id", String(128), primary_key=True),
     Column("user_id", String(128), nullable=False),
     Column("amount_cents", BigInteger, nullable=False),
-    Column("paid_cents", BigInteger, nullable=False),
+    #: below 2^64: partial payments, each < 2^63, until the sum reaches the amount (< 2^63)
+    Column("paid_cents", WideCents, nullable=False),
     Column("status", String(16), nullable=False),
     #: transitions applied, as the pipeline's ``version`` counts them
     Column("version", Integer, nullable=False),
@@ -142,6 +167,38 @@ sink_refusals = Table(
     Column("key", String(128), nullable=True),
     Column("reason", Text, nullable=False),
 )
+
+
+def unfit(column: Column[Any], value: object) -> str | None:
+    """Why ``value`` cannot be stored in ``column`` on every supported database, or
+    ``None``. Pure: the same verdict on SQLite (which enforces neither a length nor NUL)
+    as on PostgreSQL, so a table holds the same rows on either.
+
+    Strings: no NUL (PostgreSQL text cannot hold one), at most the column's length,
+    encodable as UTF-8 (no lone surrogate).
+    Integers: the column's signed width (SQLite's INTEGER is 64 bits as well).
+    """
+    kind = column.type
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{column.name} has a NUL character, which PostgreSQL text cannot hold"
+        length = getattr(kind, "length", None)
+        if length is not None and len(value) > length:
+            return f"{column.name} has {len(value)} characters, over the column's {length}"
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return f"{column.name} is not valid Unicode (a lone surrogate)"
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        bits = 64 if isinstance(kind, BigInteger) else 32 if isinstance(kind, Integer) else 0
+        if bits and not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+            # str() of a huge int is slow (and refused past 4300 digits): name its size.
+            shown = str(value) if value.bit_length() <= 128 else f"a {value.bit_length()}-bit int"
+            return f"{column.name} {shown} does not fit a signed {bits}-bit column"
+    return None
+
 
 # An advisory lock id for schema creation (two processes starting at once would both try
 # CREATE TABLE and one would fail on PostgreSQL's catalog unique index).
@@ -214,14 +271,115 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-#: errors worth retrying: the server went away, restarted, or a lock wait timed out
-TRANSIENT = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)
+ErrorKind = Literal["transient", "content", "other"]
+
+# PostgreSQL SQLSTATE classes (psycopg 3 sets ``sqlstate`` on every server error):
+# 08 connection exception, 40 transaction rollback (serialization failure, deadlock),
+# 53 insufficient resources, 57 operator intervention (admin or crash shutdown, cannot
+# connect now, statement timeout), 58 system error. Retrying may succeed.
+_PG_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# 55P03 lock not available (lock_timeout), 55006 object in use, 25P03 idle in
+# transaction timeout (the session is gone).
+_PG_TRANSIENT_STATES = frozenset({"55P03", "55006", "25P03"})
+# 22 data exception (value too long, numeric out of range, invalid byte sequence,
+# untranslatable character), 23 integrity constraint violation, 54 program limit
+# exceeded (an index row too large): the statement's values, not the server.
+_PG_CONTENT_CLASSES = frozenset({"22", "23", "54"})
+# SQLite primary result codes.
+_SQLITE_TRANSIENT = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+_SQLITE_CONTENT = frozenset(
+    {sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_MISMATCH}
+)
+
+
+def error_kind(error: BaseException) -> ErrorKind:
+    """What a database error says about retrying the statement that raised it.
+
+    ``transient``: the server or the connection (gone, restarting, a lock or a
+    serialization conflict); the same statement may succeed later. ``content``: the
+    statement's values (too long, out of range, a NUL in text, a constraint); it fails
+    the same way every time. ``other``: neither (a missing table, bad credentials, a
+    bug); retrying would not help and refusing the data would be wrong.
+    """
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return "transient"
+    if isinstance(error, exc.DisconnectionError | exc.TimeoutError):
+        return "transient"  # the pool's own: a dropped connection, no free connection
+    orig: BaseException = error
+    if isinstance(error, exc.StatementError) and isinstance(error.orig, BaseException):
+        orig = error.orig
+    # Raised by the drivers while binding, before the statement reaches the database:
+    # sqlite3 cannot hold an int outside 64 bits, no driver encodes a lone surrogate.
+    if isinstance(orig, OverflowError | UnicodeError):
+        return "content"
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code is not None:
+            primary = code & 0xFF
+            if primary in _SQLITE_TRANSIENT:
+                return "transient"
+            if primary in _SQLITE_CONTENT:
+                return "content"
+            return "other"
+        if isinstance(orig, sqlite3.DataError | sqlite3.IntegrityError):
+            return "content"
+        return "other"
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return "other"
+    if isinstance(orig, psycopg.Error):
+        state = orig.sqlstate
+        if state is None:
+            # Raised by psycopg itself: a lost or refused connection, or a value it
+            # cannot send (PostgreSQL text cannot hold NUL).
+            if isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
+                return "transient"
+            if isinstance(orig, psycopg.DataError):
+                return "content"
+            return "other"
+        if state[:2] in _PG_TRANSIENT_CLASSES or state in _PG_TRANSIENT_STATES:
+            return "transient"
+        if state[:2] in _PG_CONTENT_CLASSES:
+            return "content"
+        return "other"
+    return "other"
 
 
 def is_transient(error: BaseException) -> bool:
-    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
-        return True
-    return isinstance(error, TRANSIENT)
+    """Worth retrying: the database went away, restarted, or a lock or serialization
+    conflict failed the transaction."""
+    return error_kind(error) == "transient"
+
+
+def is_content_error(error: BaseException) -> bool:
+    """The statement's values are refused; the same values fail every time."""
+    return error_kind(error) == "content"
+
+
+def describe_error(error: BaseException, limit: int = 300) -> str:
+    """One bounded, printable line naming a database error (for a stored reason).
+
+    A driver message may quote a value (a duplicate key's DETAIL, a trigger's text):
+    only its first line is kept, cut to ``limit``, with control characters escaped.
+    """
+    orig = error.orig if isinstance(error, exc.StatementError) and error.orig else error
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
+    lines = str(orig).splitlines()
+    text_ = lines[0] if lines else ""
+    text_ = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text_[:limit])[:limit]
+    name = type(orig).__name__
+    return f"{name} [{state}]: {text_}" if state else f"{name}: {text_}"
 
 
 class Backoff:

@@ -103,6 +103,7 @@ from mode.services import WaitResults
 from prometheus_client import Histogram
 
 from pipeline.kafka_io import last_record_end
+from pipeline.models import excerpt
 
 if TYPE_CHECKING:
     from faust.types import StreamT
@@ -125,6 +126,28 @@ FIXES = (
 EXIT_COMMIT_FAILED = 70
 #: Exit status of a test-only injected crash.
 EXIT_INJECTED = 86
+#: An event that fails this many times (its partition aborted and processed again from
+#: the last commit each time) goes to the dead-letter topic instead.
+MAX_ATTEMPTS = 3
+#: A partition aborted this many times in a row without a commit in between ends the
+#: process: something other than one event is wrong (the broker refuses the
+#: transaction's changelog rows, or the dead-letter topic), and a restart is the move.
+MAX_REWINDS_WITHOUT_COMMIT = 10
+#: How long a transactional producer may take to start (its InitProducerId waits for
+#: the broker to complete the previous owner's transaction): twice the transaction
+#: timeout, after which the broker aborts that transaction by itself.
+PRODUCER_START_S = 120.0
+#: How long a broker check for an offset gap may take before its answer is unknown.
+CHECK_TIMEOUT_S = 10.0
+
+
+def progress_key(tp: TP) -> bytes:
+    """The key of a source partition's record on the progress topic."""
+    return f"{tp.topic}:{tp.partition}".encode()
+
+
+class CheckUnknown(RuntimeError):
+    """Whether a committed record lies in an offset range could not be found out."""
 
 
 class InjectedFailure(RuntimeError):
@@ -170,6 +193,8 @@ class OutRecord:
     partition: int | None
     timestamp_ms: int | None
     headers: list[tuple[str, bytes]] | None
+    #: the offset of the source event that made it (which event a failed send blames)
+    source_offset: int | None = None
     future: asyncio.Future[Any] | None = None
 
 
@@ -197,6 +222,26 @@ class PartitionState:
     #: transaction being committed holds: what the test-only fault filters look at
     events: int = 0
     txn_events: int = 0
+    #: per pending send, the source offset of the event that made it (None: a changelog
+    #: row), so that a send the broker refuses is blamed on its event
+    pending_from: list[int | None] = field(default_factory=list)
+    #: where processing of this assignment started (the committed offset then)
+    start: int | None = None
+    #: an event failed: nothing of the partition is processed or committed until its
+    #: open transaction is aborted and processing went back to the last commit
+    rewinding: bool = False
+    #: per offset that failed: (attempts, the last error, bounded)
+    failures: dict[int, tuple[int, str]] = field(default_factory=dict)
+    #: aborts for failed events since the last commit (see MAX_REWINDS_WITHOUT_COMMIT)
+    rewinds_in_a_row: int = 0
+    #: the sends a commit awaits at its drain step, with the offsets of their events
+    draining: tuple[list[asyncio.Future[Any]], list[int | None]] = field(
+        default_factory=lambda: ([], [])
+    )
+    #: loop time of the last event processed (or of the settle), for the stall gauge
+    last_progress: float = 0.0
+    #: loop time since which records wait here while none is processed (None: not stalled)
+    stalled_since: float | None = None
 
     @property
     def has_progress(self) -> bool:
@@ -342,9 +387,30 @@ class Coordinator:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=None,
         )
-        #: transactions this process aborted itself (released with uncommitted work, or
-        #: the test-only fail points); a crashed worker's are aborted by the broker
+        #: transactions this process aborted itself (released with uncommitted work, a
+        #: failed event, or the test-only fail points); a crashed worker's are aborted
+        #: by the broker
         self.aborts = 0
+        #: events whose processing raised, partitions rewound for them, and events sent
+        #: to the dead-letter topic after MAX_ATTEMPTS failures
+        self.failures = 0
+        self.rewinds = 0
+        self.poison = 0
+        #: offset-gap checks the broker did not answer (the event waited for another)
+        self.unknown_checks = 0
+        #: partitions resumed from the progress topic: the group's offset was gone
+        self.progress_recoveries = 0
+        #: test-only: broker checks failed on purpose so far (``PIPELINE_FAIL_CHECKS``)
+        self.failed_checks = 0
+        #: set by the transaction manager: abort a partition's open transaction and go
+        #: back to its last commit (see ExactlyOnceTransactionManager.rewind)
+        self.rewind: Callable[[TP, PartitionState], Awaitable[None]] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def fix(self, name: str) -> bool:
         # Asked several times per event: the settings are frozen, so answer once per name.
@@ -494,6 +560,7 @@ class Coordinator:
         try:
             if committed is None:
                 committed = await self._committed_offsets(list(self.partitions))
+                committed = await self._fill_from_progress(committed)
         except Exception as exc:
             # Without them nothing may be processed: end the process, restart clean.
             fatal("could not read the committed offsets", exc)
@@ -501,6 +568,80 @@ class Coordinator:
         await self.settle(committed, epoch=epoch)
         if self.on_settled is not None and epoch == self.unsettled_count:
             self.on_settled()
+
+    async def _fill_from_progress(self, committed: Mapping[TP, int | None]) -> dict[TP, int | None]:
+        """Where the group has no committed offset, the last one from the progress
+        topic (written in the same transaction as the offset itself).
+
+        The group's offsets are gone when every worker was down longer than the
+        broker's ``offsets.retention.minutes``: starting again from the earliest
+        offsets would then process every retained event a second time against tables
+        that kept its effects (balances added twice). A partition with no progress
+        record either is new (a fresh deployment, or partitions added to
+        ``orders.raw``) unless its table's changelog holds state: then where processing
+        stopped is unknown, and the worker refuses to guess.
+        """
+        out = dict(committed)
+        missing = [tp for tp, offset in out.items() if offset is None]
+        if not missing:
+            return out
+        found = await self._progress(missing)
+        for tp in missing:
+            offset = found.get(tp)
+            if offset is not None:
+                log.warning(
+                    "%s: the group has no committed offset (expired?); resuming at %d, "
+                    "the last offset the pipeline committed for it",
+                    tp,
+                    offset,
+                )
+                out[tp] = offset
+                self.progress_recoveries += 1
+        orphans = [tp for tp in missing if out[tp] is None and self._has_state(tp)]
+        if orphans:
+            fatal(
+                f"no committed offset and no progress record for {orphans}, whose tables "
+                "hold state: processing them from the start would apply events twice "
+                "(see README, 'Lost consumer group offsets')",
+                RuntimeError("committed offsets missing"),
+            )
+        return out
+
+    async def _progress(self, tps: list[TP]) -> dict[TP, int]:
+        settings = self.settings
+        partitions = {tp.partition % settings.partitions for tp in tps}
+        wanted = {progress_key(tp): tp for tp in tps}
+        reader = await self._reader(auto_offset_reset="earliest")
+        out: dict[TP, int] = {}
+        try:
+            ktps = [TopicPartition(settings.progress_topic, p) for p in sorted(partitions)]
+            reader.assign(ktps)
+            ends = await reader.end_offsets(ktps)
+            await reader.seek_to_beginning(*ktps)
+            pending = {k for k in ktps if ends[k] > 0}
+            while pending:
+                batches = await reader.getmany(*pending, timeout_ms=1000)
+                for records in batches.values():
+                    for m in records:
+                        tp = wanted.get(m.key)
+                        if tp is not None and m.value is not None:
+                            out[tp] = int(m.value)
+                for ktp in list(pending):
+                    if await reader.position(ktp) >= ends[ktp]:
+                        pending.discard(ktp)
+        finally:
+            await reader.stop()
+        return out
+
+    def _has_state(self, tp: TP) -> bool:
+        """Does a table of ``tp``'s stage hold state for it (restored or persisted)?"""
+        for store in self.stores.get(tp.topic, ()):
+            if (
+                store.transactional
+                and store.persisted_offset(TP(store.changelog_topic_name, tp.partition)) is not None
+            ):
+                return True
+        return False
 
     def owned_changelogs(self) -> dict[TP, TransactionalStore]:
         """The changelog partitions of the source partitions this worker processes."""
@@ -650,6 +791,7 @@ class Coordinator:
                 )
                 start = st.committed
             st.expected = start if start is not None else beginnings.get(tp)
+            st.start = st.expected
             st.hole = None
         if isinstance(self.read_offsets, PinnedReadOffsets):
             for tp in list(self.partitions):
@@ -657,7 +799,8 @@ class Coordinator:
         self._known = {tp: k for tp, k in self._known.items() if tp in self.partitions}
         now = asyncio.get_running_loop().time()
         for st in self.partitions.values():
-            st.last_delivery = now
+            st.last_delivery = st.last_progress = now
+            st.stalled_since = None
         if self._liveness_task is None or self._liveness_task.done():
             self._liveness_task = asyncio.ensure_future(self._liveness())
         self.settled = True
@@ -680,12 +823,17 @@ class Coordinator:
         """Offset of the first committed record of ``tp`` at or after ``start``.
 
         Read with a separate ``read_committed`` consumer (kept open, reassigned per
-        question), so the answer does not depend on Faust's delivery. Each read covers a
+        question), so the answer does not depend on Faust's delivery. Raises
+        :class:`CheckUnknown` when the broker does not answer in time. Each read covers a
         whole fetch (up to 1 MiB); which offsets in that range hold committed records is
         remembered, since it never changes. On a topic written by transactions (every
         commit leaves a marker in each partition it wrote) most gaps are then answered
         without a round trip.
         """
+        if self.settings.fail_checks > self.failed_checks:
+            # Test-only: this check times out (and neither memory answers it).
+            self.failed_checks += 1
+            raise CheckUnknown(f"{tp}: injected timeout of the check from {start}")
         answer = self.ledger.first_at_or_after(tp, start)
         if answer is not None:
             self.ledger_answers += 1
@@ -704,12 +852,13 @@ class Coordinator:
             if start >= end:
                 return None
             consumer.seek(ktp, start)
-            deadline = asyncio.get_running_loop().time() + 10.0
+            deadline = asyncio.get_running_loop().time() + CHECK_TIMEOUT_S
             while await consumer.position(ktp) < end:
                 if asyncio.get_running_loop().time() > deadline:
-                    # Unknown: the caller must assume a committed record is missing.
-                    log.warning("%s: could not read from %d in 10 s", tp, start)
-                    return start
+                    # Unknown. Not "a record is missing at ``start``": on a topic
+                    # written by transactions ``start`` is often a commit marker, which
+                    # is never delivered, and waiting for it stalled the partition.
+                    raise CheckUnknown(f"{tp}: could not read from {start} in time")
                 batch = await consumer.getmany(ktp, timeout_ms=1000)
                 offsets = [int(m.offset) for m in batch.get(ktp, ())]
                 if offsets:
@@ -749,47 +898,73 @@ class Coordinator:
             log.info("seek after settling failed: %r", exc)
 
     async def _liveness(self) -> None:
-        """Un-stall partitions that Faust stopped delivering while records are waiting.
+        """Notice stalled partitions, and un-stall those Faust stopped delivering.
 
-        Seen after restarts: a partition stays paused (or its re-fetched records are
-        filtered out) although the log has records after our next expected offset. Every
-        few seconds, a partition with no delivery for a while and records pending is
-        resumed and seeked to the next expected offset.
+        Every 2 s, a partition with nothing processed for 3 s is asked whether committed
+        records wait after its next expected offset. If they do (or the broker cannot
+        tell), it counts as stalled from then on: ``pipeline_partition_stalled_seconds``
+        rises and the ``PipelinePartitionStalled`` alert fires, however the stall came
+        about. If in addition nothing was even delivered for 3 s, it is resumed and
+        seeked to the record (seen after restarts: a partition stays paused, or its
+        re-fetched records are filtered out, although the log has records after our
+        next expected offset).
         """
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(2.0)
-            if not self.settled or self.seek_wait is None:
+            if self.settled and self.seek_wait is not None:
+                await self.check_partitions(loop.time)
+
+    async def check_partitions(self, clock: Callable[[], float]) -> None:
+        """One round of :meth:`_liveness` over every partition (``clock``: loop time)."""
+        for tp, st in list(self.partitions.items()):
+            now = clock()
+            if tp.topic not in self.sources or st.expected is None:
                 continue
-            now = loop.time()
-            for tp, st in list(self.partitions.items()):
-                if tp.topic not in self.sources or st.expected is None:
-                    continue
-                if now - st.last_delivery < 3.0 or st.hole is not None:
-                    continue
-                try:
-                    first = await self._first_record(tp, st.expected)
-                except Exception as exc:  # pragma: no cover - broker away; try later
-                    log.warning("liveness check of %s: %r", tp, exc)
-                    continue
-                if first is None or not self.settled:
-                    continue
-                self.unstalls += 1
-                log.warning(
-                    "%s: no delivery for %.0f s with record %d waiting; resuming and seeking to %d",
-                    tp,
-                    now - st.last_delivery,
-                    first,
-                    first,
-                )
-                st.last_delivery = now
-                self._keep_read_offset(tp, first)
-                if self.resume is not None:
-                    self.resume({tp})
-                try:
-                    await asyncio.wait_for(self.seek_wait({tp: first}), 10.0)
-                except Exception as exc:
-                    log.warning("seek of %s failed: %r", tp, exc)
+            if now - st.last_progress < 3.0:
+                st.stalled_since = None
+                continue
+            try:
+                first = await self._first_record(tp, st.expected)
+            except Exception as exc:  # unknown: records may be waiting
+                log.warning("liveness check of %s: %s", tp, exc)
+                if st.stalled_since is None:
+                    st.stalled_since = now
+                continue
+            if first is None:  # nothing to do: idle, not stalled
+                st.stalled_since = None
+                continue
+            if st.stalled_since is None:
+                st.stalled_since = now
+            if now - st.last_delivery < 3.0 or st.hole is not None or st.rewinding:
+                continue  # deliveries come: admission (or a rewind) is at work
+            if not self.settled:
+                continue
+            self.unstalls += 1
+            log.warning(
+                "%s: no delivery for %.0f s with record %d waiting; resuming and seeking to %d",
+                tp,
+                now - st.last_delivery,
+                first,
+                first,
+            )
+            st.last_delivery = now
+            self._keep_read_offset(tp, first)
+            if self.resume is not None:
+                self.resume({tp})
+            if self.seek_wait is None:
+                continue
+            try:
+                await asyncio.wait_for(self.seek_wait({tp: first}), 10.0)
+            except Exception as exc:
+                log.warning("seek of %s failed: %r", tp, exc)
+
+    def stalled_seconds(self) -> float:
+        """The longest time a partition of this worker has had records waiting while
+        none was processed (0: none stalled)."""
+        now = time.monotonic()  # asyncio's loop time is time.monotonic()
+        times = [now - st.stalled_since for st in self.partitions.values() if st.stalled_since]
+        return max(times, default=0.0)
 
     async def _checker_consumer(self) -> Any:
         if self._checker is None:
@@ -846,7 +1021,10 @@ class Coordinator:
         * an event below the next expected offset is a stale copy: skipped;
         * an event above it is accepted only if no committed record lies in between
           (transaction markers and aborted records take offsets too); otherwise the
-          record in between was dropped, so we seek back to it and skip until it comes.
+          record in between was dropped, so we seek back to it and skip until it comes;
+          when the broker cannot say (:class:`CheckUnknown`), the event is skipped too
+          and the partition fetched again from the expected offset, to ask again;
+        * while a failed event's partition is being rewound, every event is skipped.
 
         The caller holds the gate, so a commit cannot slip in between this decision and
         the processing; since the checks below may wait on the broker, the assignment is
@@ -855,6 +1033,9 @@ class Coordinator:
         message = event.message
         tp = message.tp
         st.last_delivery = self._clock()
+        if st.rewinding:
+            self.skipped += 1
+            return False
         offset = message.offset
         expected = st.expected
         if expected is not None and offset != expected:
@@ -862,7 +1043,18 @@ class Coordinator:
                 self.skipped += 1
                 return False
             if st.hole is None:
-                first = await self._first_record(tp, expected)
+                try:
+                    first = await self._first_record(tp, expected)
+                except Exception as exc:
+                    # Never process past a record that may be missing, and never assume
+                    # one at ``expected`` either (often a marker, never delivered):
+                    # fetch from ``expected`` again, and ask again at that delivery.
+                    self.skipped += 1
+                    self.unknown_checks += 1
+                    log.warning("%s: %s; fetching again from %d", tp, exc, expected)
+                    self._keep_read_offset(tp, expected)
+                    self._spawn(self._seek_quietly({tp: expected}))
+                    return False
                 if first is not None and first < offset:
                     st.hole = first
             if st.hole is not None:
@@ -944,19 +1136,164 @@ class Coordinator:
             if not quiesce:
                 if await self._admit(event, st, epoch):
                     yield value
-                    st.processed = event.message.offset
-                    st.events += 1
-                    self.last_done = now()
+                    if not st.rewinding:
+                        st.processed = event.message.offset
+                        st.events += 1
+                        st.last_progress = self.last_done = now()
                     activity.set()
                 continue
             async with st.gate:
                 if not await self._admit(event, st, epoch):
                     continue
                 yield value
-                st.processed = event.message.offset
-                st.events += 1
-            self.last_done = now()
+                # A failed event (see run) is not processed: its partition goes back.
+                if not st.rewinding:
+                    st.processed = event.message.offset
+                    st.events += 1
+                    st.last_progress = self.last_done = now()
             activity.set()
+
+    async def run(
+        self,
+        stream: StreamT,
+        handle: Callable[[Any, Any], Awaitable[None]],
+        dead_letter: Callable[[Any, Any, str], Awaitable[None]],
+    ) -> None:
+        """The agents' loop: ``handle(value, message)`` for every event, exactly once.
+
+        An exception from ``handle`` (the operator, a codec, a table, a send) must not
+        let a commit move the partition's offset past the event while some of its
+        effects are in the open transaction: :meth:`fail` marks the partition, which is
+        then neither processed nor committed until the transaction manager has aborted
+        its open transaction and gone back to its last commit; everything since is
+        processed again. An event that fails :data:`MAX_ATTEMPTS` times is handed to
+        ``dead_letter(value, message, reason)`` instead (in its transaction, like any
+        output), so a poison record neither loops forever nor stalls its partition.
+
+        In at_least_once mode an event is tried :data:`MAX_ATTEMPTS` times in place
+        (its partial effects may repeat, as at-least-once allows), then dead-lettered.
+        """
+        if not self.enabled:
+            async for value in stream:
+                event = stream.current_event
+                assert event is not None
+                await self._at_least_once(value, event.message, handle, dead_letter)
+            return
+        partitions = self.partitions
+        planted = self._planted_failure()
+        async for value in self.each(stream):
+            event = stream.current_event
+            assert event is not None
+            message = event.message
+            st = partitions[message.tp]  # admitted, so ours
+            failed = st.failures.get(message.offset) if st.failures else None
+            try:
+                if failed is not None and failed[0] >= MAX_ATTEMPTS:
+                    reason = f"processing failed {failed[0]} times; last error: {failed[1]}"
+                    await dead_letter(value, message, reason)
+                    self.poison += 1
+                    log.error(
+                        "%s: the record at offset %d failed %d times; sent to the "
+                        "dead-letter topic",
+                        message.tp,
+                        message.offset,
+                        failed[0],
+                    )
+                else:
+                    await handle(value, message)
+                    if planted is not None:
+                        planted(message.topic, value)
+            except Exception as exc:
+                self.fail(message.tp, st, message.offset, exc)
+
+    def _planted_failure(self) -> Callable[[str, Any], None] | None:
+        """Test-only (``PIPELINE_FAIL_EVENT``): a failure after the handler's effects."""
+        settings = self.settings
+        needle = settings.fail_event
+        if needle is None:
+            return None
+        marker = needle.encode()
+        left = [settings.fail_event_times]
+
+        def check(topic: str, value: Any) -> None:
+            if settings.fail_event_topic not in (None, topic):
+                return
+            if not isinstance(value, bytes) or marker not in value:
+                return
+            if settings.fail_event_times and left[0] <= 0:
+                return
+            left[0] -= 1
+            raise InjectedFailure(f"planted failure after processing a record with {needle!r}")
+
+        return check
+
+    def fail(self, tp: TP, st: PartitionState, offset: int, exc: BaseException) -> None:
+        """Processing the event at ``offset`` of ``tp`` raised ``exc``: go back.
+
+        Called with the partition's gate held, so no commit snapshot can take the
+        event's partial effects (a commit waiting for the gate sees ``rewinding``).
+        """
+        # A record the broker refused fails its send's future, and every later send of
+        # that producer may then raise the same error: blame the event whose record was
+        # refused, not the one that happened to send next.
+        sends = [
+            *zip(st.pending, st.pending_from, strict=True),
+            *zip(*st.draining, strict=True),
+        ]
+        refused = [
+            (o, f.exception())
+            for f, o in sends
+            if o is not None and f.done() and not f.cancelled() and f.exception() is not None
+        ]
+        if refused:
+            offset, first = min(refused, key=lambda r: r[0])
+            exc = first if first is not None else exc
+        attempts = st.failures[offset][0] + 1 if offset in st.failures else 1
+        error = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
+        st.failures[offset] = (attempts, error)
+        self.failures += 1
+        if attempts > MAX_ATTEMPTS + 1:
+            # Even sending it to the dead-letter topic failed twice.
+            fatal(f"{tp}: could not dead-letter the record at offset {offset}", exc)
+        log.error(
+            "%s: processing the record at offset %d failed (attempt %d of %d): %s; "
+            "aborting the partition's open transaction, processing again from its last commit",
+            tp,
+            offset,
+            attempts,
+            MAX_ATTEMPTS,
+            error,
+        )
+        st.rewinding = True
+        if self.rewind is not None:
+            self._spawn(self.rewind(tp, st))
+
+    async def _at_least_once(
+        self,
+        value: Any,
+        message: Any,
+        handle: Callable[[Any, Any], Awaitable[None]],
+        dead_letter: Callable[[Any, Any, str], Awaitable[None]],
+    ) -> None:
+        error = ""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                await handle(value, message)
+                return
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
+                self.failures += 1
+                log.error(
+                    "%s: the record at offset %d failed (attempt %d of %d): %s",
+                    message.tp,
+                    message.offset,
+                    attempt,
+                    MAX_ATTEMPTS,
+                    error,
+                )
+        self.poison += 1
+        reason = f"processing failed {MAX_ATTEMPTS} times; last error: {error}"
+        await dead_letter(value, message, reason)
 
     async def wait_quiet(self, quiet_s: float, deadline: float) -> bool:
         """Wait until the agents finished an event and then got nothing new for
@@ -994,12 +1331,14 @@ class ExactlyOnceTransactionManager(TransactionManager):
     def __init__(self, transport: Any, *, consumer: Any, producer: Any, **kwargs: Any) -> None:
         super().__init__(transport, consumer=consumer, producer=producer, **kwargs)
         self.coordinator = self.app.eos  # type: ignore[attr-defined]
+        self.coordinator.rewind = self.rewind
         self._producers: dict[str, AIOKafkaProducer] = {}
         #: source partitions this worker holds a transactional producer for
         self._held: set[TP] = set()
         self._commit_lock = asyncio.Lock()
         self._commit_timer: asyncio.Future[None] | None = None
         self._tids: dict[TP, str] = {}
+        self._progress_tps: dict[TP, TopicPartition] = {}
 
     # -- naming -------------------------------------------------------------------------
 
@@ -1096,8 +1435,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
         try:
             # start() runs InitProducerId: it fences any older producer with this id and
             # waits until that producer's open transaction is completed or aborted, so the
-            # committed offsets read next are stable.
-            await producer.start()
+            # committed offsets read next are stable. Bounded, as in _rewind.
+            await asyncio.wait_for(producer.start(), PRODUCER_START_S)
             await producer.begin_transaction()
         except Exception as exc:
             fatal(f"could not start the transaction of {tid}", exc)
@@ -1206,8 +1545,9 @@ class ExactlyOnceTransactionManager(TransactionManager):
             key,
             value,
             partition,
-            int(timestamp * 1000) if timestamp else None,
+            None if timestamp is None else round(timestamp * 1000),
             _headers(headers),
+            event.message.offset,
         )
         if st.holding:
             record.future = asyncio.get_running_loop().create_future()
@@ -1230,6 +1570,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
             headers=record.headers,
         )
         st.pending.append(fut)
+        st.pending_from.append(record.source_offset)
         return fut
 
     def _add_changelogs_early(self, producer: AIOKafkaProducer, tp: TP) -> None:
@@ -1244,10 +1585,13 @@ class ExactlyOnceTransactionManager(TransactionManager):
         partition joins a transaction it does not write. ``_txn_manager`` is aiokafka's
         (pinned <0.15) own hook for this; ``send`` calls the same method.
         """
+        txn = producer._txn_manager
+        # The progress record (step 2) is certain too: a transaction with a send has
+        # processed an event, so its offset moves.
+        txn.maybe_add_partition_to_txn(self._progress_tp(tp))
         stores = self.coordinator.stores.get(tp.topic)
         if not stores:
             return
-        txn = producer._txn_manager
         for store in stores:
             if store.has_dirty(tp):
                 txn.maybe_add_partition_to_txn(
@@ -1281,7 +1625,9 @@ class ExactlyOnceTransactionManager(TransactionManager):
         tps = [
             tp
             for tp, st in list(coord.partitions.items())
-            if st.has_progress and self.transactional_id(tp) in self._producers
+            if st.has_progress
+            and not st.rewinding  # its open transaction holds part of a failed event
+            and self.transactional_id(tp) in self._producers
         ]
         if not tps:
             return False
@@ -1347,6 +1693,11 @@ class ExactlyOnceTransactionManager(TransactionManager):
         await self._at(tp, st, Step.QUIESCE)
         st.step = "waiting for the gate"
         async with st.gate if quiesce else _NO_GATE:  # 1. quiesce
+            if st.rewinding:
+                # An event failed while this commit waited for the gate: the open
+                # transaction holds part of it, and is aborted instead (see rewind).
+                st.step = ""
+                return
             offset = None if st.processed is None else st.processed + 1
             stores = coord.stores.get(tp.topic, ()) if coord.fix("local-state") else ()
             rows = [(store, store.take_dirty(tp)) for store in stores]
@@ -1354,7 +1705,21 @@ class ExactlyOnceTransactionManager(TransactionManager):
             # Without the quiesce fix (a test switch) sends go on into this transaction.
             st.holding = quiesce
 
-        await self._at(tp, st, Step.CHANGELOG)  # 2. changelog
+        await self._at(tp, st, Step.CHANGELOG)  # 2. changelog (and progress)
+        if offset is not None and (st.committed is None or offset > st.committed):
+            # The offset of step 4 once more, as a record of our own in the same
+            # transaction: if the group's committed offsets are ever gone (expired
+            # while every worker was down longer than offsets.retention.minutes),
+            # processing resumes from here, not from the log start (see _settle_from).
+            progress = self._progress_tp(tp)
+            fut = await producer.send(
+                progress.topic,
+                value=str(offset).encode(),
+                key=progress_key(tp),
+                partition=progress.partition,
+            )
+            st.pending.append(fut)
+            st.pending_from.append(None)
         changelog: list[tuple[TransactionalStore, asyncio.Future[Any]]] = []
         for store, items in rows:
             for key, value in items:
@@ -1363,17 +1728,59 @@ class ExactlyOnceTransactionManager(TransactionManager):
                 )
                 changelog.append((store, fut))
                 st.pending.append(fut)
+                st.pending_from.append(None)
 
         await self._at(tp, st, Step.DRAIN)  # 3. drain
         if coord.fix("flush-before-commit"):
             pending, st.pending = st.pending, []
+            made_by, st.pending_from = st.pending_from, []
             # Send the lingering batches now rather than when their linger ends. The
             # same call commit_transaction makes first (aiokafka 0.14's accumulator):
             # it closes the open batches, so nothing added later joins them.
-            await producer._message_accumulator.flush_for_commit()
-            await asyncio.gather(*pending)
+            flush = asyncio.ensure_future(producer._message_accumulator.flush_for_commit())
+            st.draining = (pending, made_by)
+            try:
+                # Not gather: once the broker refused a batch, aiokafka's sender may die
+                # (the next batch of the partition is out of sequence) and then the
+                # flush and the other sends never complete (seen: a commit stuck here
+                # for minutes). The first refusal, or the sender's end, ends the wait.
+                dead = await _drained(pending, producer._sender.sender_task)
+                refused = [
+                    (o, f.exception())
+                    for f, o in zip(pending, made_by, strict=True)
+                    if f.done() and not f.cancelled() and f.exception() is not None
+                ]
+                if not refused and not dead:
+                    await flush
+            finally:
+                st.draining = ([], [])
+            if refused or dead:
+                # The broker refused a record (too large for the topic, say): the
+                # transaction cannot commit whole. Blame the first event that made a
+                # refused record (unless an event's failure already did), abort, and
+                # process again from the last commit.
+                flush.cancel()
+                for fut in pending:
+                    fut.add_done_callback(_retrieve)
+                blamed = min((o for o, _ in refused if o is not None), default=None)
+                first_error = refused[0][1] if refused else None
+                if st.rewinding:
+                    pass  # counted already, by the failure of the event that sent next
+                elif blamed is not None and first_error is not None:
+                    coord.fail(tp, st, blamed, first_error)
+                else:
+                    log.error(
+                        "%s: the transaction cannot commit (%r, producer sender ended: %s)",
+                        tp,
+                        first_error,
+                        dead,
+                    )
+                    st.rewinding = True
+                await self._rewind(tp, st)
+                return
         else:
             st.pending = []
+            st.pending_from = []
 
         await self._at(tp, st, Step.OFFSETS)  # 4. offsets
         if offset is not None and (st.committed is None or offset > st.committed):
@@ -1384,8 +1791,11 @@ class ExactlyOnceTransactionManager(TransactionManager):
         await self._at(tp, st, Step.COMMIT)  # 5. commit
         await coord.fail_point(Step.COMMIT, producer, tp, st)
         await producer.commit_transaction()
+        st.rewinds_in_a_row = 0
         if offset is not None:
             st.committed = offset
+            if st.failures:  # a failure below a committed offset is history
+                st.failures = {o: f for o, f in st.failures.items() if o >= offset}
 
         await self._at(tp, st, Step.PERSIST)  # 6. persist
         last: dict[int, int] = {}
@@ -1401,6 +1811,74 @@ class ExactlyOnceTransactionManager(TransactionManager):
         await producer.begin_transaction()
         await self._send_held(producer, tp, st)
         st.step = ""
+
+    def _progress_tp(self, tp: TP) -> TopicPartition:
+        found = self._progress_tps.get(tp)
+        if found is None:
+            settings = self.coordinator.settings
+            found = TopicPartition(settings.progress_topic, tp.partition % settings.partitions)
+            self._progress_tps[tp] = found
+        return found
+
+    async def rewind(self, tp: TP, st: PartitionState) -> None:
+        """Abort ``tp``'s open transaction and go back to its last commit (see
+        :meth:`Coordinator.run`): after the commit round in flight, if any."""
+        async with self._commit_lock:
+            if self.coordinator.partitions.get(tp) is st and st.rewinding:
+                await self._rewind(tp, st)
+
+    async def _rewind(self, tp: TP, st: PartitionState) -> None:
+        """Called with the commit lock held (no commit of ``tp`` in flight), and with
+        ``st.rewinding`` set (nothing of ``tp`` processed meanwhile)."""
+        coord = self.coordinator
+        tid = self.transactional_id(tp)
+        old = self._producers.get(tid)
+        if old is None:  # released meanwhile: its next owner starts from the commit
+            return
+        st.rewinds_in_a_row += 1
+        if st.rewinds_in_a_row > MAX_REWINDS_WITHOUT_COMMIT:
+            fatal(f"{tp}: aborted {st.rewinds_in_a_row - 1} times without a commit")
+        # Held sends and table rows of the aborted transaction are dropped with it.
+        for store in coord.stores.get(tp.topic, ()):
+            store.discard(tp)
+        _fail_held(st, "its transaction was aborted after an event failed")
+        for fut in st.pending:
+            fut.add_done_callback(_retrieve)
+        st.pending.clear()
+        st.pending_from.clear()
+        # A new producer with the same transactional.id, not abort_transaction(): after
+        # the broker refused a batch, aiokafka 0.14's producer aborted fine but then
+        # never delivered the next transaction's records (seen: a commit stuck at its
+        # drain step for minutes). The new one's InitProducerId aborts the open
+        # transaction and fences the old producer, whatever state that one is in.
+        try:
+            await asyncio.wait_for(old.stop(), 5.0)
+        except Exception as exc:  # it is fenced below either way
+            log.warning("stopping the producer of %s: %r", tp, exc)
+        try:
+            producer = self._new_transactional_producer(tid)
+            # Bounded: InitProducerId waits while the broker completes the old
+            # transaction, which it cannot when a partition of it refuses even the
+            # abort marker (seen with a topic whose max.message.bytes was 64); past the
+            # transaction timeout, restart clean rather than wait forever.
+            await asyncio.wait_for(producer.start(), PRODUCER_START_S)
+            await producer.begin_transaction()
+        except Exception as exc:
+            fatal(f"could not start a new transaction for {tp}", exc)
+        self._producers[tid] = producer
+        coord.aborts += 1
+        target = st.committed if st.committed is not None else st.start
+        st.processed = None
+        st.events = 0
+        st.hole = None
+        st.expected = target
+        st.step = ""
+        coord.rewinds += 1
+        st.rewinding = False
+        log.warning("%s: transaction aborted; processing again from offset %s", tp, target)
+        if target is not None and coord.seek_wait is not None:
+            coord._keep_read_offset(tp, target)
+            await coord._seek_quietly({tp: target})
 
     async def _send_held(self, producer: AIOKafkaProducer, tp: TP, st: PartitionState) -> None:
         """Send what was held during the commit into the transaction just begun."""
@@ -1420,6 +1898,30 @@ def _fail_held(st: PartitionState, why: str) -> None:
     for h in held:
         if h.future is not None and not h.future.done():
             h.future.set_exception(RuntimeError(f"not sent: {why} before its commit"))
+            _retrieve(h.future)  # nobody awaits a held send: no "never retrieved" noise
+
+
+async def _drained(pending: list[asyncio.Future[Any]], sender: asyncio.Future[Any] | None) -> bool:
+    """Wait until every send of ``pending`` completed or one failed; True instead if the
+    producer's sender task ended first (its remaining sends would never complete)."""
+    left = {f for f in pending if not f.done()}
+    if any(f.done() and not f.cancelled() and f.exception() is not None for f in pending):
+        return False
+    while left:
+        watch = left | {sender} if sender is not None else left
+        done, _ = await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        if sender is not None and sender in done:
+            return True
+        left -= done
+        if any(not f.cancelled() and f.exception() is not None for f in done):
+            return False
+    return False
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome as seen (its failure is handled where it is decided)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

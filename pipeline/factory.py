@@ -12,6 +12,7 @@ from faust.types import TransportT
 from mode.utils.times import want_seconds
 from prometheus_client import Histogram
 
+from pipeline.admin import LARGE_MESSAGE_BYTES
 from pipeline.eos import Coordinator, ExactlyOnceTransactionManager, SettlingConsumer
 from pipeline.settings import Settings
 from pipeline.stats import Stats
@@ -75,15 +76,11 @@ class PipelineApp(faust.App):
     async def on_first_start(self) -> None:
         # Source and output topics are declared here, before the consumer subscribes,
         # with the partition count of the settings (Faust declares only internal ones).
-        from pipeline.admin import ensure_topics
+        from pipeline.admin import declare_topics, ensure_topics
 
         s = self.settings
-        await ensure_topics(
-            s.bootstrap_servers,
-            [t.get_topic_name() for t in self.declared_topics],
-            s.partitions,
-            s.replication,
-        )
+        await declare_topics(s, [t.get_topic_name() for t in self.declared_topics])
+        await declare_topics(s, [s.progress_topic])
         # The tables' changelogs too, with the configuration Faust would give them.
         # Faust creates them itself only as the consumer subscribes, and on a new app the
         # group's first assignment was then computed from metadata that did not list
@@ -99,7 +96,23 @@ class PipelineApp(faust.App):
                 s.replication,
                 config=_topic_config(topic),
             )
+        await self._refuse_unsafe_topics()
         await super().on_first_start()
+
+    async def _refuse_unsafe_topics(self) -> None:
+        """Refuse to start, with one line per cause, on topics the pipeline cannot keep
+        exactly-once on (see :func:`pipeline.admin.topic_problems`): a worker that
+        restarted into the same problem would only crash-loop."""
+        from pipeline.admin import EXIT_CONFIG, topic_problems
+
+        changelogs = [t.changelog_topic.get_topic_name() for t in self.tables.values()]
+        problems = await topic_problems(self.settings, changelogs)
+        if problems:
+            for line in problems:
+                log.critical("refusing to start: %s", line)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_CONFIG)
 
     declared_topics: list[Any]
     rebalance_started: float | None
@@ -144,6 +157,8 @@ def create_app(settings: Settings) -> PipelineApp:
         broker_heartbeat_interval=1.0,
         producer_acks=-1,
         producer_linger=0.005,
+        # Faust's default (1,000,000 bytes) refused valid events of up to 1 MiB.
+        producer_max_request_size=LARGE_MESSAGE_BYTES,
     )
     app.settings = settings
     app.eos = Coordinator(settings)

@@ -28,6 +28,7 @@ class Msg:
     timestamp: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 async def produce(
@@ -138,7 +139,7 @@ async def read_topic(
                 for m in msgs:
                     if m.offset >= end:
                         break
-                    yield Msg(tp.partition, m.offset, m.timestamp, m.key, m.value)
+                    yield Msg(tp.partition, m.offset, m.timestamp, m.key, m.value, tuple(m.headers))
             for tp in list(remaining):
                 # Positions move past transaction markers too, so compare positions.
                 if await consumer.position(tp) >= until[tp.partition]:

@@ -84,6 +84,37 @@ class _AppCollector(Collector):
         yield CounterMetricFamily(
             "pipeline_unstalls", "Partitions resumed by the liveness check", value=eos.unstalls
         )
+        yield GaugeMetricFamily(
+            "pipeline_partition_stalled_seconds",
+            "The longest a partition of this worker has had records waiting with none"
+            " processed (0: none)",
+            value=eos.stalled_seconds(),
+        )
+        yield CounterMetricFamily(
+            "pipeline_event_failures",
+            "Events whose processing raised (each aborts its partition's transaction)",
+            value=eos.failures,
+        )
+        yield CounterMetricFamily(
+            "pipeline_partition_rewinds",
+            "Partitions aborted and processed again from their last commit after a failure",
+            value=eos.rewinds,
+        )
+        yield CounterMetricFamily(
+            "pipeline_poison_records",
+            "Events dead-lettered after failing every attempt",
+            value=eos.poison,
+        )
+        yield CounterMetricFamily(
+            "pipeline_offset_checks_unknown",
+            "Offset-gap checks the broker did not answer in time (the event was fetched again)",
+            value=eos.unknown_checks,
+        )
+        yield CounterMetricFamily(
+            "pipeline_progress_recoveries",
+            "Partitions resumed from the progress topic: the group's offset was gone",
+            value=eos.progress_recoveries,
+        )
         gaps = CounterMetricFamily(
             "pipeline_offset_gap_checks",
             "Offset gaps checked before admitting a record, by where the answer came from",

@@ -20,9 +20,13 @@ whole outbox and the others stand by. Batches are sent with an idempotent produc
 
 A crash between the send and the mark publishes the batch again: same ``event_id``, same
 record timestamp (the row's creation time), and the dedup stage drops the copy. A row
-that can never be published (its value is not a valid event for the input topic, or
-Kafka refuses it as too large) gets ``error`` set, is logged by id and ``event_id``, and
-does not hold up the rows behind it.
+that can never be published gets ``error`` set, is logged by id and ``event_id``, and
+does not hold up the rows behind it, of its key or any other: its value is not a valid
+event for the input topic, its topic name is not a legal Kafka topic name, or Kafka
+refuses the row for good (:func:`send_error_kind`: too large, an invalid or unauthorized
+topic, a timestamp out of the broker's range, a topic that stays missing and cannot be
+created). Anything else (a timeout, a broker away, a leader moving) leaves the row
+pending for the next round.
 """
 
 from __future__ import annotations
@@ -34,21 +38,36 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import time
 import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTimestampError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 from sqlalchemy import Connection, Engine, and_, insert, make_url, select, text, update
 
 from pipeline import db
-from pipeline.admin import ensure_topics
-from pipeline.models import BadInput, parse_event
+from pipeline.admin import topic_configs
+from pipeline.models import BadInput, excerpt, parse_event
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.outbox")
@@ -62,6 +81,26 @@ LOCK_MEMBER = 0x0B0C_0003
 MEMBER_SLOTS = 256
 CHANNEL = "pipeline_outbox"
 MAX_VALUE_BYTES = 1024 * 1024
+#: How long a topic may stay missing, while the broker answers and refuses or fails to
+#: create it, before its rows are marked failed. A broker that does not answer never
+#: starts this clock.
+TOPIC_WAIT_S = 60.0
+#: Kafka's own rule for topic names (``org.apache.kafka.common.internals.Topic``).
+_LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+#: Refusals of a record (or of its batch, see :meth:`Relay._isolate`) that retrying the
+#: same record can never change. Authorization is among them: the relay's principal may
+#: not write that topic; an operator who grants it re-queues the rows (``UPDATE outbox
+#: SET error = NULL WHERE ...``).
+PERMANENT_SEND_ERRORS: tuple[type[BaseException], ...] = (
+    MessageSizeTooLargeError,  # over max_request_size (client) or message.max.bytes
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,  # e.g. an internal topic
+    TopicAuthorizationFailedError,
+    InvalidTimestampError,  # outside the broker's message.timestamp.*.max.ms
+    CorruptRecordException,
+    PolicyViolationError,
+)
 
 
 def bucket_of(key: bytes | None, event_id: str) -> int:
@@ -116,8 +155,57 @@ class Row:
     created_ms: int
 
 
+def topic_name_error(topic: str) -> str | None:
+    """Why Kafka would refuse ``topic`` as a name, or ``None``. Pure."""
+    if _LEGAL_TOPIC.fullmatch(topic) is None or topic in (".", ".."):
+        return (
+            f"topic {excerpt(topic)} is not a legal Kafka topic name (1 to 249 of"
+            " a-z A-Z 0-9 . _ -)"
+        )
+    return None
+
+
+def send_error_kind(error: BaseException) -> Literal["permanent", "transient"]:
+    """Whether a failed send can ever succeed for the same record. Pure.
+
+    Everything not known to be permanent is transient: a timeout, a lost connection, a
+    leader moving, an unknown topic (its own bounded wait is in
+    :meth:`Relay._check_topics`), a fenced or out-of-sequence producer (a new producer
+    resends), even an error aiokafka does not name. Marking a row failed loses its event
+    unless an operator re-queues it, so only a refusal of the record itself does.
+    """
+    return "permanent" if isinstance(error, PERMANENT_SEND_ERRORS) else "transient"
+
+
+def describe_send_error(error: BaseException) -> str:
+    """A bounded reason for a refused row (an error's text may quote a topic name)."""
+    errno = getattr(error, "errno", None)
+    detail = " ".join(str(a) for a in error.args) or getattr(error, "description", "")
+    detail = "".join(c if c.isprintable() else " " for c in detail[:300])
+    code = f" [error {errno}]" if errno is not None else ""
+    return f"refused by Kafka: {type(error).__name__}{code}" + (f": {detail}" if detail else "")
+
+
+def topic_verdict(error_code: int) -> Literal["ready", "missing", "refused", "unavailable"]:
+    """A topic's state from a metadata or CreateTopics error code. Pure."""
+    if error_code == 0 or error_code == TopicAlreadyExistsError.errno:
+        return "ready"
+    if error_code == UnknownTopicOrPartitionError.errno:
+        return "missing"
+    if error_code in (
+        InvalidTopicError.errno,
+        TopicAuthorizationFailedError.errno,
+        PolicyViolationError.errno,
+    ):
+        return "refused"
+    return "unavailable"
+
+
 def invalid_reason(row: Row, raw_topic: str) -> str | None:
     """Why a row must not be published, or ``None``. Pure."""
+    bad_topic = topic_name_error(row.topic)
+    if bad_topic:
+        return bad_topic
     if len(row.value) > MAX_VALUE_BYTES:
         return f"value is {len(row.value)} bytes, over the 1 MiB limit"
     if row.topic == raw_topic:
@@ -133,7 +221,8 @@ def published_prefix(rows: Sequence[Row], ok: Sequence[bool]) -> list[int]:
     """Ids safe to mark published: per key, the rows before the first failed send. Pure.
 
     Marking a later row of a key while an earlier one stays pending would publish the
-    earlier one after it on the next round.
+    earlier one after it on the next round. ``rows`` leaves out the rows marked failed
+    for good: those hold up nothing.
     """
     blocked: set[bytes | None] = set()
     out: list[int] = []
@@ -308,6 +397,7 @@ class Relay:
         max_wait_s: float = 1.0,
         mark_delay_s: float = 0.0,
         crash_after_publish: int = 0,
+        topic_wait_s: float = TOPIC_WAIT_S,
     ) -> None:
         self.settings = settings
         self.db_url = db_url
@@ -321,6 +411,9 @@ class Relay:
         self.wake = asyncio.Event()
         self.producer: AIOKafkaProducer | None = None
         self.known_topics: set[str] = set()
+        self.topic_wait_s = topic_wait_s
+        #: topic -> when the broker first said it is missing (and it stayed so)
+        self.missing_since: dict[str, float] = {}
 
     async def _producer(self) -> AIOKafkaProducer:
         if self.producer is None:
@@ -452,8 +545,8 @@ class Relay:
                     await self._drop_producer()
                     delay = kafka_backoff.next()
                     log.warning(
-                        "outbox-relay %s: Kafka unavailable (%r); batch of %d rows (ids %d..%d)"
-                        " stays pending, retry in %.1f s",
+                        "outbox-relay %s: Kafka: %r; the rows of the batch of %d (ids %d..%d)"
+                        " not acknowledged stay pending, retry in %.1f s",
                         self.owner,
                         error,
                         len(rows),
@@ -478,44 +571,167 @@ class Relay:
             log.info("outbox-relay %s: stopped: %s", self.owner, self.stats)
         return self.stats
 
+    async def _check_topics(self, topics: list[str]) -> tuple[set[str], dict[str, str], str]:
+        """Make sure the topics exist: (the ready ones, the refused ones with a reason,
+        why the others are not ready yet).
+
+        The broker does not create topics on first use (nor should it); an outbox may
+        name a topic before any consumer made it. A topic the broker refuses to create
+        (an invalid name, no authorization, a policy) is refused for good; one that it
+        says is missing, and that stays missing for ``topic_wait_s`` while the broker
+        keeps answering, too. An admin request that fails (broker away, timeout) proves
+        nothing about the topic and refuses nothing.
+        """
+        ready: set[str] = set()
+        refused: dict[str, str] = {}
+        waiting = ""
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            request_timeout_ms=10000,
+            client_id=f"outbox-relay-{self.owner}",
+        )
+        try:
+            await admin.start()
+            # Listed first: a metadata request naming a missing topic would have a
+            # broker with auto.create.topics.enable create it, with its defaults.
+            listed = set(await admin.list_topics())
+            exist = {n for n in topics if n in listed}
+            missing = [n for n in topics if n not in listed]
+            if missing:
+                # The pipeline's own topics with the pipeline's configuration (above all
+                # orders.raw with the broker's append time, or workers refuse it).
+                configs = topic_configs(self.settings)
+                created = await admin.create_topics(
+                    [
+                        NewTopic(
+                            name,
+                            self.settings.partitions,
+                            self.settings.replication,
+                            topic_configs=configs.get(name, {}),
+                        )
+                        for name in missing
+                    ]
+                )
+                for t in created.to_object()["topic_errors"]:
+                    verdict = topic_verdict(t["error_code"])
+                    if verdict == "ready":
+                        exist.add(t["topic"])
+                    elif verdict == "refused":
+                        refused[t["topic"]] = _topic_refusal(t["topic"], t["error_code"])
+                    else:
+                        waiting = f"creating topic {t['topic']}: error {t['error_code']}"
+            # Creation returns before the topic's partitions have leaders. A topic
+            # still missing from an earlier round gets one look, not the full wait: the
+            # other topics' rows of the batch wait for this.
+            pending = sorted(exist)
+            looks = 1 if all(n in self.missing_since or n in listed for n in pending) else 25
+            for look in range(looks):
+                if not pending:
+                    break
+                if look:
+                    await asyncio.sleep(0.2)
+                for t in await admin.describe_topics(pending):
+                    verdict = topic_verdict(t["error_code"])
+                    if verdict == "ready" and t["partitions"]:
+                        ready.add(t["topic"])
+                    elif verdict == "refused":
+                        refused[t["topic"]] = _topic_refusal(t["topic"], t["error_code"])
+                pending = [n for n in pending if n not in ready and n not in refused]
+            # The broker answered all along: a topic it never listed, that is still not
+            # there, is missing; past the wait, for good.
+            now = time.monotonic()
+            for name in topics:
+                if name in ready or name in refused:
+                    continue
+                if name in listed:
+                    waiting = waiting or f"topic {name} has no partition leaders yet"
+                    continue
+                since = self.missing_since.setdefault(name, now)
+                if now - since >= self.topic_wait_s:
+                    refused[name] = (
+                        f"topic {name} is missing and could not be created for"
+                        f" {now - since:.0f} s ({waiting or 'not listed after creation'})"
+                    )
+                else:
+                    waiting = waiting or f"topic {name} is missing after its creation"
+        except (KafkaError, OSError, TimeoutError) as error:
+            waiting = f"topic check failed: {error!r}"[:300]
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        for name in ready | set(refused):
+            self.missing_since.pop(name, None)
+        return ready, refused, waiting
+
     async def _publish(self, rows: list[Row], claims: Claims) -> None:
+        """Publish ``rows`` (in id order), mark what went out and what never can.
+
+        Raises a :class:`KafkaError` when a row was held back for a passing reason (the
+        caller backs off); those rows, and the rows of their keys behind them, stay
+        pending.
+        """
         failed: dict[int, str] = {}
-        sendable: list[Row] = []
+        #: rows sent and acknowledged
+        acked: set[int] = set()
+        #: why the rows left pending are (the first reason)
+        passing: BaseException | None = None
+        candidates: list[Row] = []
         for row in rows:
             reason = invalid_reason(row, self.settings.topic_raw)
             if reason is None:
-                sendable.append(row)
+                candidates.append(row)
             else:
                 failed[row.id] = reason
-        new_topics = {r.topic for r in sendable} - self.known_topics
+        new_topics = sorted({r.topic for r in candidates} - self.known_topics)
         if new_topics:
-            # The broker does not create topics on first use (nor should it); an outbox
-            # may name a topic before any consumer made it.
-            await ensure_topics(
-                self.settings.bootstrap_servers,
-                sorted(new_topics),
-                self.settings.partitions,
-                self.settings.replication,
-            )
-            self.known_topics |= new_topics
+            ready, refused, waiting = await self._check_topics(new_topics)
+            self.known_topics |= ready
+            for row in candidates:
+                if row.topic in refused:
+                    failed[row.id] = refused[row.topic]
+            if waiting:
+                passing = KafkaError(waiting)
+        sendable = [r for r in candidates if r.topic in self.known_topics and r.id not in failed]
         producer = await self._producer() if sendable else None
-        futures = []
+        sent: list[tuple[Row, asyncio.Future[Any]]] = []
         for row in sendable:
             assert producer is not None
-            futures.append(
-                await producer.send(row.topic, row.value, key=row.key, timestamp_ms=row.created_ms)
-            )
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        ok: list[bool] = []
-        for row, res in zip(sendable, results, strict=True):
-            if isinstance(res, MessageSizeTooLargeError):
-                failed[row.id] = f"refused by Kafka: {res!r}"
-                ok.append(False)
-            elif isinstance(res, BaseException):
-                ok.append(False)
+            try:
+                sent.append(
+                    (
+                        row,
+                        await producer.send(
+                            row.topic, row.value, key=row.key, timestamp_ms=row.created_ms
+                        ),
+                    )
+                )
+            except Exception as error:
+                if send_error_kind(error) == "permanent":
+                    # Refused before it was queued (over max_request_size): this record's
+                    # own verdict, and the producer's state is untouched.
+                    failed[row.id] = describe_send_error(error)
+                    continue
+                # Waiting for metadata or buffer space timed out: the rest of the batch
+                # waits for the next round too rather than for each its own timeout.
+                passing = passing or error
+                if isinstance(error, UnknownTopicOrPartitionError):
+                    self.known_topics.discard(row.topic)
+                break
+        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        suspects: list[Row] = []
+        for (row, _), res in zip(sent, results, strict=True):
+            if not isinstance(res, BaseException):
+                acked.add(row.id)
+            elif send_error_kind(res) == "permanent":
+                suspects.append(row)
             else:
-                ok.append(True)
-        published = published_prefix(sendable, ok)
+                passing = passing or res
+                if isinstance(res, UnknownTopicOrPartitionError):
+                    self.known_topics.discard(row.topic)
+        if suspects:
+            passing = await self._isolate(rows, suspects, acked, failed) or passing
+        live = [r for r in rows if r.id not in failed]
+        published = published_prefix(live, [r.id in acked for r in live])
         for row in rows:
             if row.id in failed:
                 log.error(
@@ -523,7 +739,7 @@ class Relay:
                     self.owner,
                     row.id,
                     row.event_id,
-                    row.topic,
+                    excerpt(row.topic),
                     failed[row.id],
                 )
         self.stats.batches += 1
@@ -543,16 +759,54 @@ class Relay:
         await asyncio.to_thread(claims.mark, published, failed)
         self.stats.published += len(published)
         self.stats.failed_rows += len(failed)
-        # A send that failed for a passing reason (broker away): the rest of its key stays
-        # pending; the caller backs off and publishes it again.
-        passing = [
-            res
-            for row, res in zip(sendable, results, strict=True)
-            if isinstance(res, BaseException) and row.id not in failed
-        ]
-        if passing:
-            err = passing[0]
-            raise err if isinstance(err, KafkaError) else KafkaError(repr(err))
+        if passing is not None:
+            raise passing if isinstance(passing, KafkaError) else KafkaError(repr(passing))
+
+    async def _isolate(
+        self, rows: list[Row], suspects: list[Row], acked: set[int], failed: dict[int, str]
+    ) -> BaseException | None:
+        """Find which of ``suspects`` Kafka refuses, by sending each alone.
+
+        The broker answers per batch: one record too large (or a batch over the topic's
+        max.message.bytes) fails every record it was batched with. Each suspect is sent
+        again on its own, in id order, and only one refused alone is marked failed. A
+        failed batch also leaves the idempotent producer's sequence broken for that
+        partition (its later batches fail with OutOfOrderSequenceNumber), so a new
+        producer sends, and another after each refusal. A row whose key has an earlier
+        row pending is left pending (it would overtake it). Returns the passing error
+        that stopped it, if any.
+        """
+        await self._drop_producer()
+        held: set[bytes] = set()
+        by_id = {r.id: r for r in suspects}
+        for row in rows:
+            k = row.key if row.key is not None else row.event_id.encode()
+            if row.id not in by_id:
+                if row.id not in acked and row.id not in failed:
+                    held.add(k)
+                continue
+            if k in held:
+                continue
+            try:
+                producer = await self._producer()
+                await (
+                    await producer.send(
+                        row.topic, row.value, key=row.key, timestamp_ms=row.created_ms
+                    )
+                )
+            except Exception as error:
+                if send_error_kind(error) == "permanent":
+                    failed[row.id] = describe_send_error(error)
+                    await self._drop_producer()
+                    continue
+                await self._drop_producer()
+                return error
+            acked.add(row.id)
+        return None
+
+
+def _topic_refusal(topic: str, code: int) -> str:
+    return f"topic {excerpt(topic)}: {describe_send_error(for_code(code)())}"
 
 
 def add_parser(sub: Any) -> None:

@@ -157,14 +157,18 @@ async def progress(settings: Settings) -> tuple[int, int]:
     return done, sum(ends.values())
 
 
-async def drained(settings: Settings) -> tuple[int, int]:
-    """(committed, to do) summed over every stage's input: raw, unique and the deltas.
+async def drained(settings: Settings, stages: str = "all") -> tuple[int, int]:
+    """(committed, to do) summed over every stage's input: raw, the rekeyed input, unique
+    and the deltas (``stages="dedup"``: the first two only, see ``PIPELINE_STAGES``).
 
     "To do" ends at each partition's last committed record, not its end offset: on the
     transactional topics between stages the end offset lies past a commit marker.
     """
     done = total = 0
-    for topic in (settings.topic_raw, settings.topic_unique, settings.deltas_topic):
+    topics = [settings.topic_raw, settings.by_order_topic]
+    if stages == "all":
+        topics += [settings.topic_unique, settings.deltas_topic]
+    for topic in topics:
         ends = await record_ends(settings.bootstrap_servers, topic)
         committed = await committed_offsets(settings.bootstrap_servers, settings.app_id, topic)
         done += sum(min(committed.get(p) or 0, end) for p, end in ends.items())

@@ -5,16 +5,30 @@ Streams benchmark does)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline.codecs import dlq_key, dlq_value
 
 if TYPE_CHECKING:
     from pipeline.factory import PipelineApp
 
-Send = Callable[[str, bytes | None, bytes | None], Awaitable[Any]]
+Headers = list[tuple[str, bytes]]
+
+
+class Send(Protocol):
+    def __call__(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        timestamp_ms: int | None = None,
+        headers: Headers | None = None,
+    ) -> Awaitable[Any]: ...
 
 
 def direct_send(app: PipelineApp) -> Send:
-    """``send(topic, key, value)`` for agents: raw bytes straight to the producer.
+    """``send(topic, key, value[, timestamp_ms, headers])`` for agents: raw bytes straight
+    to the producer.
 
     ``Topic.send`` wraps every record in a FutureMessage and a PendingMessage, runs the
     codecs (ours are "raw") and the send sensors, then calls the same producer; a
@@ -26,10 +40,32 @@ def direct_send(app: PipelineApp) -> Send:
     """
     producer: Any = None
 
-    async def send(topic: str, key: bytes | None, value: bytes | None) -> Any:
+    async def send(
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        timestamp_ms: int | None = None,
+        headers: Headers | None = None,
+    ) -> Any:
         nonlocal producer
         if producer is None:
             producer = await app.maybe_start_producer()
-        return await producer.send(topic, key, value, None, None, None)
+        # Faust's producer API takes seconds.
+        seconds = None if timestamp_ms is None else timestamp_ms / 1000
+        return await producer.send(topic, key, value, None, seconds, headers)
 
     return send
+
+
+def dead_letters(app: PipelineApp, topic: str) -> Callable[[Any, Any, str], Awaitable[None]]:
+    """``dead_letter(value, message, reason)``: the record to the dead-letter topic, in
+    the same transaction as any output (see ``Coordinator.run``)."""
+    send = direct_send(app)
+    stats = app.stats
+
+    async def dead_letter(value: Any, message: Any, reason: str) -> None:
+        doc = dlq_value(reason, message.topic, message.partition, message.offset, value)
+        await send(topic, dlq_key(message.key), doc)
+        stats.dlq += 1
+
+    return dead_letter

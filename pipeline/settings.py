@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     fault_min_events: int = Field(default=0, ge=0)
     #: Test-only: crash (or fail) only after this many commits have passed the step.
     crash_after: int = 0
+    #: Test-only: this many of the broker checks for an offset gap time out, as when the
+    #: broker does not answer within 10 s.
+    fail_checks: int = Field(default=0, ge=0)
+    #: Test-only: processing a record of ``fail_event_topic`` whose value contains this
+    #: text raises after the agent did its work (table writes and sends made), the first
+    #: ``fail_event_times`` times (0: every time, a poison record).
+    fail_event: str | None = None
+    fail_event_topic: str | None = None
+    fail_event_times: int = Field(default=1, ge=0)
     #: Test-only: comma-separated names of our fixes of stock Faust EOS to turn off
     #: (see ``pipeline/eos.py``), to show that each gap is real.
     disable_fix: str = ""
@@ -85,6 +94,8 @@ class Settings(BaseSettings):
     topic_coupons: str = "coupons.issued"
     #: the repartition hop to per-user balances (internal); default "<app_id>-balance-deltas"
     topic_deltas: str | None = None
+    #: the input rekeyed by order_id (internal); default "<app_id>-raw-by-order"
+    topic_by_order: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -96,6 +107,16 @@ class Settings(BaseSettings):
     @property
     def deltas_topic(self) -> str:
         return self.topic_deltas or f"{self.app_id}-balance-deltas"
+
+    @property
+    def by_order_topic(self) -> str:
+        return self.topic_by_order or f"{self.app_id}-raw-by-order"
+
+    @property
+    def progress_topic(self) -> str:
+        """Internal: each source partition's committed offset, written in the same
+        transaction as the offset itself (see :mod:`pipeline.eos`, "progress")."""
+        return f"{self.app_id}-progress"
 
     @property
     def exactly_once(self) -> bool:

@@ -17,7 +17,10 @@ Belt and braces below that: unique constraints (order_id, coupon_id, a coupon's
 order_id) refuse a duplicate insert, and an order row moves only by its next version
 (``UPDATE ... WHERE order_id = ? AND version = ?``), so a stale or replayed change can
 never move it backwards. Such refusals are logged and written to ``sink_refusals``; in an
-exactly-once run there are none.
+exactly-once run there are none. A record whose values the database cannot hold (an id
+with a NUL, a number past its column) is refused the same way, with the offset past it
+in the same transaction (:func:`apply_batch`), so it neither stops the sink nor is
+retried on every restart; only transient database errors are retried.
 
 The pure part, turning a batch of records and the rows they touch into row operations,
 is :func:`plan_batch`; :func:`apply_batch` runs it inside one transaction.
@@ -40,6 +43,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, select, tuple_, update
 
 from pipeline import db
+from pipeline.models import excerpt
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.sink")
@@ -161,7 +165,9 @@ def parse_record(kind: str, topic: str, partition: int, offset: int, value: byte
                 ts_ms=_int(doc, "ts_ms"),
             )
             if change.to_status not in STATUSES or change.from_status not in STATUSES:
-                raise ValueError(f"unknown status {change.from_status!r} -> {change.to_status!r}")
+                raise ValueError(
+                    f"unknown status {excerpt(change.from_status)} -> {excerpt(change.to_status)}"
+                )
             if change.version < 1:
                 raise ValueError(f"version {change.version} < 1")
             return change
@@ -195,7 +201,10 @@ def plan_batch(
     A change applies only on top of its predecessor: version 1 from ``NEW`` to a missing
     row, version ``n + 1`` from the stored status to a row at version ``n``. Anything
     else (a replay, a stale or skipped version, a wrong ``from``) is refused. Several
-    changes of one order in a batch fold into one insert or update.
+    changes of one order in a batch fold into one insert or update. A record with a
+    value no table column can hold (:func:`unstorable`) is refused here, before the
+    database sees it: the same verdict on SQLite and PostgreSQL, and whatever the
+    batching (a fold would otherwise hide a bad intermediate value from the database).
     """
     plan = Plan()
     state: dict[str, OrderRow | None] = {}
@@ -209,6 +218,12 @@ def plan_batch(
         plan.offsets[tp] = rec.offset + 1
         if isinstance(rec, BadRec):
             plan.refusals.append(Refusal(rec.topic, rec.partition, rec.offset, None, rec.reason))
+            continue
+        unfit = unstorable(rec)
+        if unfit:
+            plan.refusals.append(
+                Refusal(rec.topic, rec.partition, rec.offset, refusal_key(rec.order_id), unfit)
+            )
         elif isinstance(rec, CouponRec):
             if rec.coupon_id in cids or rec.order_id in coids:
                 plan.refusals.append(
@@ -243,6 +258,39 @@ def plan_batch(
         else:
             plan.updates.append((before.version, row))
     return plan
+
+
+def unstorable(rec: ChangeRec | CouponRec) -> str | None:
+    """Why the record's values cannot be stored in the sink's tables, or ``None``. Pure."""
+    checks: tuple[tuple[Any, object], ...]
+    if isinstance(rec, ChangeRec):
+        o = db.sink_orders.c
+        checks = (
+            (o.order_id, rec.order_id),
+            (o.event_id, rec.event_id),
+            (o.version, rec.version),
+            (o.updated_ms, rec.ts_ms),
+        )
+    else:
+        c = db.sink_coupons.c
+        checks = (
+            (c.order_id, rec.order_id),
+            (c.coupon_id, rec.coupon_id),
+            (c.user_id, rec.user_id),
+            (c.amount_cents, rec.amount_cents),
+        )
+    for column, value in checks:
+        reason = db.unfit(column, value)
+        if reason:
+            return f"cannot be stored: {reason}"
+    return None
+
+
+def refusal_key(order_id: str) -> str:
+    """The order id as ``sink_refusals.key`` can hold it: as is, or a short quote."""
+    if db.unfit(db.sink_refusals.c.key, order_id) is None:
+        return order_id
+    return excerpt(order_id)[:128]
 
 
 def _refuse_change(current: OrderRow | None, rec: ChangeRec) -> str | None:
@@ -290,8 +338,8 @@ class Stored:
     coupon_orders: set[str]
 
 
-def read_stored(conn: Connection, records: Sequence[Rec]) -> Stored:
-    o, c, off = db.sink_orders, db.sink_coupons, db.sink_offsets
+def read_offsets(conn: Connection, records: Sequence[Rec]) -> dict[tuple[str, int], int]:
+    off = db.sink_offsets
     tps = sorted({(r.topic, r.partition) for r in records})
     stored: dict[tuple[str, int], int] = {}
     for chunk in _chunks(tps):
@@ -299,14 +347,22 @@ def read_stored(conn: Connection, records: Sequence[Rec]) -> Stored:
             tuple_(off.c.topic, off.c.partition).in_(list(chunk))
         )
         stored.update({(r.topic, r.partition): r.next_offset for r in conn.execute(q)})
-    order_ids = sorted({r.order_id for r in records if isinstance(r, ChangeRec)})
+    return stored
+
+
+def read_stored(conn: Connection, records: Sequence[Rec]) -> Stored:
+    o, c = db.sink_orders, db.sink_coupons
+    # A value no column can hold is refused by the plan; as a query parameter the
+    # database may refuse it too (PostgreSQL: a NUL), so it is not looked up.
+    rows = [r for r in records if not isinstance(r, BadRec) and not unstorable(r)]
+    order_ids = sorted({r.order_id for r in rows if isinstance(r, ChangeRec)})
     current: dict[str, OrderRow] = {}
     for chunk in _chunks(order_ids):
         for r in conn.execute(select(o).where(o.c.order_id.in_(list(chunk)))):
             current[r.order_id] = OrderRow(
                 r.order_id, r.status, r.version, r.updated_ms, r.event_id
             )
-    coupons = [r for r in records if isinstance(r, CouponRec)]
+    coupons = [r for r in rows if isinstance(r, CouponRec)]
     cids: set[str] = set()
     coids: set[str] = set()
     for chunk in _chunks(coupons):
@@ -317,26 +373,109 @@ def read_stored(conn: Connection, records: Sequence[Rec]) -> Stored:
         for r in conn.execute(q):
             cids.add(r.coupon_id)
             coids.add(r.order_id)
-    return Stored(stored, current, cids, coids)
+    return Stored(read_offsets(conn, records), current, cids, coids)
 
 
 def apply_batch(conn: Connection, records: Sequence[Rec]) -> Plan:
-    """Apply a batch inside the caller's transaction (``with engine.begin() as conn``)."""
-    stored = read_stored(conn, records)
-    plan = plan_batch(
-        records, stored.offsets, stored.orders, stored.coupon_ids, stored.coupon_orders
-    )
-    write_plan(conn, plan, stored.offsets)
-    return plan
+    """Apply a batch inside the caller's transaction (``with engine.begin() as conn``).
+
+    The offsets of every record move in this transaction, whatever becomes of its row:
+    a record the database refuses for its content is written to ``sink_refusals``
+    instead, in the same transaction, so it is neither retried forever nor lost. Only
+    the row writes run under a savepoint; when the database refuses them for their
+    content (:func:`pipeline.db.is_content_error`), the batch is split in halves, each
+    under its own savepoint, down to the one record that fails alone, so the rows of
+    every other record still land. Any other error (a conflict with a second sink, a
+    lost connection) fails the whole transaction, for the caller to replay.
+    """
+    stored_offsets = read_offsets(conn, records)
+    result = Plan()
+    fresh: list[Rec] = []
+    for rec in records:
+        tp = (rec.topic, rec.partition)
+        if rec.offset < result.offsets.get(tp, stored_offsets.get(tp, 0)):
+            result.skipped += 1
+            continue
+        result.offsets[tp] = rec.offset + 1
+        fresh.append(rec)
+    # Offsets first, outside the savepoints: the compare-and-set orders two sinks on one
+    # database before either writes a row, and a conflict there is never a refusal.
+    write_offsets(conn, result.offsets, stored_offsets)
+    _apply_rows(conn, fresh, result)
+    return result
+
+
+def _apply_rows(conn: Connection, records: Sequence[Rec], into: Plan) -> None:
+    if not records:
+        return
+    try:
+        with conn.begin_nested():
+            stored = read_stored(conn, records)
+            # Every record here is at or past its stored offset (apply_batch skipped the
+            # rest), so no floor applies.
+            plan = plan_batch(records, {}, stored.orders, stored.coupon_ids, stored.coupon_orders)
+            write_rows(conn, plan)
+    except Exception as error:
+        if not db.is_content_error(error):
+            raise
+        if len(records) > 1:
+            # Halves in order: the first half's rows are in place when the second is
+            # planned, as they would be in one batch.
+            mid = len(records) // 2
+            _apply_rows(conn, records[:mid], into)
+            _apply_rows(conn, records[mid:], into)
+            return
+        rec = records[0]
+        key = None if isinstance(rec, BadRec) else refusal_key(rec.order_id)
+        refusal = Refusal(
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            key,
+            f"refused by the database: {db.describe_error(error)}",
+        )
+        try:
+            with conn.begin_nested():
+                _write_refusals(conn, [refusal])
+        except Exception as again:
+            if not db.is_content_error(again):
+                raise
+            # A database whose encoding cannot hold the quoted id or message (say,
+            # LATIN1): the refusal in ASCII, so that the record still moves on.
+            refusal = Refusal(
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                None if key is None else ascii(key)[:128],
+                ascii(refusal.reason)[:1024],
+            )
+            _write_refusals(conn, [refusal])
+        into.refusals.append(refusal)
+        return
+    into.inserts += plan.inserts
+    into.updates += plan.updates
+    into.coupons += plan.coupons
+    into.refusals += plan.refusals
 
 
 def write_plan(conn: Connection, plan: Plan, stored: Mapping[tuple[str, int], int]) -> None:
     """Write a plan made from ``stored``; :class:`Conflict` if the rows moved since."""
-    o, c, off = db.sink_orders, db.sink_coupons, db.sink_offsets
+    write_offsets(conn, plan.offsets, stored)
+    write_rows(conn, plan)
 
-    # Offsets first: the compare-and-set row lock orders two sinks on one database, and
-    # the loser finds the offset moved and rolls back.
-    for tp, nxt in sorted(plan.offsets.items()):
+
+def write_offsets(
+    conn: Connection,
+    offsets: Mapping[tuple[str, int], int],
+    stored: Mapping[tuple[str, int], int],
+) -> None:
+    """Move the offsets from ``stored``; :class:`Conflict` if another writer moved them.
+
+    The compare-and-set's row lock orders two sinks on one database, and the loser finds
+    the offset moved and rolls back.
+    """
+    off = db.sink_offsets
+    for tp, nxt in sorted(offsets.items()):
         if tp in stored:
             res = conn.execute(
                 update(off)
@@ -354,6 +493,11 @@ def write_plan(conn: Connection, plan: Plan, stored: Mapping[tuple[str, int], in
         else:
             # A concurrent first insert fails on the primary key.
             conn.execute(insert(off).values(topic=tp[0], partition=tp[1], next_offset=nxt))
+
+
+def write_rows(conn: Connection, plan: Plan) -> None:
+    """Write a plan's rows and refusals; :class:`Conflict` if an order row moved."""
+    o, c = db.sink_orders, db.sink_coupons
     if plan.inserts:
         conn.execute(insert(o), [r.as_params() for r in plan.inserts])
     if plan.updates:
@@ -396,7 +540,11 @@ def write_plan(conn: Connection, plan: Plan, stored: Mapping[tuple[str, int], in
                 for r in plan.coupons
             ],
         )
-    if plan.refusals:
+    _write_refusals(conn, plan.refusals)
+
+
+def _write_refusals(conn: Connection, refusals: Sequence[Refusal]) -> None:
+    if refusals:
         conn.execute(
             insert(db.sink_refusals),
             [
@@ -407,7 +555,7 @@ def write_plan(conn: Connection, plan: Plan, stored: Mapping[tuple[str, int], in
                     "key": f.key,
                     "reason": f.reason,
                 }
-                for f in plan.refusals
+                for f in refusals
             ],
         )
 
@@ -487,6 +635,9 @@ async def run_sink(
                 plan = await asyncio.to_thread(work)
             except Exception as error:
                 stats.db_errors += 1
+                # A record's content never fails the batch (apply_batch refuses the
+                # record); what is left is a second sink, a transient error, or a fault
+                # no replay can mend, which ends the process.
                 expected = isinstance(error, Conflict) or _is_integrity(error)
                 if not (expected or db.is_transient(error)):
                     raise
@@ -495,7 +646,7 @@ async def run_sink(
                     "sink: batch of %d records not written (%s); back to the stored offsets"
                     " in %.1f s",
                     len(records),
-                    str(error).splitlines()[0][:300],
+                    db.describe_error(error),
                     delay,
                 )
                 await asyncio.sleep(delay)
@@ -528,7 +679,8 @@ async def run_sink(
 def _is_integrity(error: BaseException) -> bool:
     from sqlalchemy import exc
 
-    # A unique violation means another writer inserted the same row concurrently: the
+    # Only the first insert of a partition's offset row can raise it here (row writes
+    # run under savepoints in apply_batch): another sink inserted it concurrently. The
     # batch is rolled back and replayed from the stored offsets, where it is skipped.
     return isinstance(error, exc.IntegrityError)
 

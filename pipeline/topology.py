@@ -20,6 +20,7 @@ class Topology:
     settings: Settings
     app: PipelineApp
     raw: TopicT
+    by_order: TopicT
     unique: TopicT
     dlq: TopicT
     dedup_table: Any
@@ -46,17 +47,19 @@ def _topic(app: PipelineApp, name: str, partitions: int) -> TopicT:
 
 
 def build(settings: Settings | None = None) -> Topology:
-    from agents import dedup, orders
+    from agents import dedup, orders, route
     from pipeline import web
 
     settings = settings or Settings()
     app = create_app(settings)
     n = settings.partitions
     raw = _topic(app, settings.topic_raw, n)
+    # orders.raw rekeyed by the order_id in the value (agents.route): internal.
+    by_order = _topic(app, settings.by_order_topic, n)
     unique = _topic(app, settings.topic_unique, n)
     dlq = _topic(app, settings.topic_dlq, n)
 
-    # event_id -> first accepted record timestamp; partitioned like orders.raw (by
+    # event_id -> arrival of its accepted copy; partitioned like the rekeyed input (by
     # order_id), so all copies of an event meet the same partition's state.
     dedup_table = app.Table(
         "dedup",
@@ -87,6 +90,7 @@ def build(settings: Settings | None = None) -> Topology:
         settings,
         app,
         raw,
+        by_order,
         unique,
         dlq,
         dedup_table,
@@ -99,16 +103,19 @@ def build(settings: Settings | None = None) -> Topology:
         balances_table,
     )
     eos = app.eos
+    eos.register_source(raw.get_topic_name())  # stateless: no table
     for source, table in (
-        (raw, dedup_table),
+        (by_order, dedup_table),
         (unique, orders_table),
         (deltas, balances_table),
     ):
         eos.register_source(source.get_topic_name())
         assert isinstance(table.data, TransactionalStore)
         eos.register_store(source.get_topic_name(), table.data)
-    app.agent(raw, name="dedup")(dedup.make_agent(topo))
-    # PIPELINE_STAGES=dedup (bench only) leaves the later stages without an agent: their
+    app.agent(raw, name="route")(route.make_agent(topo))
+    app.agent(by_order, name="dedup")(dedup.make_agent(topo))
+    # PIPELINE_STAGES=dedup (bench only: route and dedup) leaves the later stages without
+    # an agent: their
     # topics and tables are still declared, so nothing else changes shape.
     if settings.stages == "all":
         app.agent(unique, name="orders")(orders.make_orders_agent(topo))

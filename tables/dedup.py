@@ -1,15 +1,32 @@
 """The dedup decision and its bounded window, as pure functions.
 
-State per ``event_id`` is the record timestamp (ms) at which the id was first accepted.
-A later record with the same id is a duplicate while its own timestamp is less than
-``window_ms`` after that first one. Using the records' own timestamps (not the wall
-clock of whichever worker processes them) makes the decision a function of the input
-alone: a replay after a crash, a rebalance, or ``reconcile``'s independent rebuild all
-reach the same verdicts.
+Which time the window runs on: the broker's **append time** of each copy in
+``orders.raw`` (the topic keeps ``message.timestamp.type=LogAppendTime``, see
+:func:`pipeline.admin.topic_configs`). That is when a copy *arrived*, which is what the
+contract's window is about ("every copy that arrives within the window after the first
+copy arrived"). A producer's own timestamp is not: an outbox backlog, a MirrorMaker or
+disaster-recovery replay, or a slow clock stamps a first copy days old, and a window on
+producer time then let its retry through a second later; one far-future timestamp
+expired every id of its partition. The worker's clock is not either: it would make the
+verdicts depend on when and where a record was processed.
 
-Expiry (removing ids from the store and, through tombstones, from the changelog) only
-removes ids that the decision already treats as expired, with a grace period for
-late records, so it bounds disk and restore time without changing verdicts.
+State of one partition of the dedup table:
+
+* per ``event_id``: the arrival times (ms) of its accepted copies that are still live,
+  each 8 bytes, in order (usually one; more only for an id re-sent further apart than
+  the window);
+* :data:`STREAM_KEY`: the partition's stream time, the latest arrival seen. It is a
+  table row like the ids, so it commits, restores and moves with the partition:
+  restarts and rebalances cannot change it.
+
+A copy is a duplicate while it arrived within ``window_ms`` of an accepted copy (before
+or after it: copies of one event that land in several input partitions reach the table
+in any order). An accepted arrival ``window_ms + grace_ms`` or more before the stream
+time is *expired*: it is treated as absent, whether or not the sweep has deleted it
+yet, so verdicts are a function of the partition's records alone, never of sweep
+timing. The grace is for copies that reach the table late because another input
+partition lags: a copy delayed by more than the grace, relative to the partition's
+newest, may be accepted again.
 """
 
 from __future__ import annotations
@@ -18,60 +35,88 @@ from dataclasses import dataclass
 
 _TS = 8
 
+#: The row holding the partition's stream time. Ids cannot collide with it: no id has a
+#: control character (``pipeline.models``).
+STREAM_KEY = b"\x00stream_ms"
 
-def encode_seen(first_ms: int) -> bytes:
-    return first_ms.to_bytes(_TS, "big", signed=True)
+
+def encode_ms(ms: int) -> bytes:
+    """The stream-time row's value."""
+    return ms.to_bytes(_TS, "big", signed=True)
 
 
-def decode_seen(raw: bytes | None) -> int | None:
-    if raw is None:
-        return None
-    return int.from_bytes(raw, "big", signed=True)
+def decode_ms(raw: bytes | None) -> int | None:
+    return None if raw is None else int.from_bytes(raw[:_TS], "big", signed=True)
+
+
+def encode_seen(accepted: int | list[int]) -> bytes:
+    """The row of an id: its live accepted arrivals, 8 bytes each, in order."""
+    if isinstance(accepted, int):
+        accepted = [accepted]
+    return b"".join(a.to_bytes(_TS, "big", signed=True) for a in accepted)
+
+
+def decode_seen(raw: bytes | None) -> list[int]:
+    if not raw:
+        return []
+    return [int.from_bytes(raw[i : i + _TS], "big", signed=True) for i in range(0, len(raw), _TS)]
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     unique: bool
-    #: new state for the id (unchanged for a duplicate)
-    first_ms: int
-
-
-def decide(first_ms: int | None, record_ms: int, window_ms: int) -> Verdict:
-    """Is a record with timestamp ``record_ms`` the first of its ``event_id``?"""
-    if first_ms is not None and record_ms - first_ms < window_ms:
-        return Verdict(unique=False, first_ms=first_ms)
-    return Verdict(unique=True, first_ms=record_ms)
+    #: the id's new state: its live accepted arrivals (unchanged for a duplicate)
+    accepted: list[int]
 
 
 def expired(first_ms: int, stream_ms: int, window_ms: int, grace_ms: int) -> bool:
-    """May the id leave the store? Only once no in-window copy can reasonably arrive."""
+    """Is an arrival so old that no in-window copy of it can reasonably come any more?"""
     return stream_ms - first_ms >= window_ms + grace_ms
+
+
+def decide(
+    accepted: list[int], arrival_ms: int, stream_ms: int, window_ms: int, grace_ms: int
+) -> Verdict:
+    """Is a copy that arrived at ``arrival_ms`` new? ``accepted``: the stored arrivals of
+    its id's accepted copies; ``stream_ms``: the partition's stream time, this copy
+    included."""
+    live = [a for a in accepted if not expired(a, stream_ms, window_ms, grace_ms)]
+    if any(abs(arrival_ms - a) < window_ms for a in live):
+        return Verdict(unique=False, accepted=accepted)
+    return Verdict(unique=True, accepted=sorted([*live, arrival_ms]))
+
+
+def removable(accepted: list[int], stream_ms: int, window_ms: int, grace_ms: int) -> bool:
+    """May the sweep delete the id's row? When every arrival in it has expired."""
+    return all(expired(a, stream_ms, window_ms, grace_ms) for a in accepted)
 
 
 class DedupWindow:
     """Reference model of one partition's dedup state: the decision plus expiry.
 
-    Used by ``reconcile`` and the property tests; the agent uses :func:`decide` against
-    the RocksDB table directly.
+    Used by the property tests; the agent uses :func:`decide` against the RocksDB table.
     """
 
     def __init__(self, window_ms: int, grace_ms: int = 0) -> None:
         self.window_ms = window_ms
         self.grace_ms = grace_ms
-        self.seen: dict[str, int] = {}
+        self.seen: dict[str, list[int]] = {}
         self.stream_ms: int | None = None
 
-    def offer(self, event_id: str, record_ms: int) -> bool:
-        verdict = decide(self.seen.get(event_id), record_ms, self.window_ms)
-        self.seen[event_id] = verdict.first_ms
-        self.stream_ms = record_ms if self.stream_ms is None else max(self.stream_ms, record_ms)
+    def offer(self, event_id: str, arrival_ms: int) -> bool:
+        stream = arrival_ms if self.stream_ms is None else max(self.stream_ms, arrival_ms)
+        self.stream_ms = stream
+        verdict = decide(
+            self.seen.get(event_id, []), arrival_ms, stream, self.window_ms, self.grace_ms
+        )
+        self.seen[event_id] = verdict.accepted
         return verdict.unique
 
     def expire(self) -> list[str]:
         if self.stream_ms is None:
             return []
         now = self.stream_ms
-        gone = [k for k, v in self.seen.items() if expired(v, now, self.window_ms, self.grace_ms)]
+        gone = [k for k, v in self.seen.items() if removable(v, now, self.window_ms, self.grace_ms)]
         for k in gone:
             del self.seen[k]
         return gone

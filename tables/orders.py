@@ -2,8 +2,8 @@
 
 ``transition(order, event) -> (order, outputs)`` decides every (state, event type) pair
 without raising; the Faust agent only reads the table, calls it, writes the table and
-sends the outputs. The reconcile command replays the same function over the input
-topic to rebuild the expected outputs independently of the workers.
+sends the outputs. ``reconcile`` does not use it: it has its own reading of the same
+rules (``pipeline/reconcile.py``), so that a bug here cannot hide from it.
 
 Rules (``../shared/CONTRACT.md``):
 
@@ -35,6 +35,8 @@ Side effects of transitions:
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -42,6 +44,13 @@ from typing import Any
 import orjson
 
 from pipeline.models import EventType, OrderEvent
+
+#: Test-only: a bug planted on purpose, to show that ``reconcile`` catches a wrong
+#: operator (tests/integration/test_reconcile_faults.py). ``version-skip``: OrderShipped
+#: raises the version by 2. Read once at import, not per call, so that every process
+#: importing this operator carries it: the worker, and any checker that shared the code,
+#: which is exactly the blind spot that test shows.
+PLANTED_BUG = os.environ.get("PIPELINE_PLANT_BUG", "")
 
 
 class Status(StrEnum):
@@ -246,6 +255,9 @@ def transition(order: Order | None, event: OrderEvent) -> tuple[Order, list[Outp
         if status is not Status.PAID:
             return _reject(current, event, "order not paid")
         new, change = _move(current, event, Status.SHIPPED)
+        if PLANTED_BUG == "version-skip":
+            new = replace(new, version=new.version + 1)
+            change = replace(change, version=new.version)
         return new, [change]
 
     # OrderCancelled, from CREATED or PAID
@@ -287,11 +299,14 @@ class Balance:
         }
 
     def encode(self) -> bytes:
-        return orjson.dumps(self.to_json())
+        # The standard library's JSON: a balance is a sum of amounts below 2^63 each,
+        # so it outgrows 64 bits, where orjson refuses to encode it and decodes it as a
+        # float. Balances are small rows on the last stage; exactness is the point.
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Balance:
-        d = orjson.loads(raw)
+        d = json.loads(raw)
         return cls(
             user_id=d["user_id"],
             balance_cents=int(d["balance_cents"]),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.admin import drop_topics, ensure_topics
+from pipeline.admin import declare_topics, drop_topics
 from pipeline.settings import Settings
 
 from .harness import Worker, broker_url, settings_from, unique_env
@@ -54,7 +54,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
 def settings(env: dict[str, str]) -> Settings:
     s = settings_from(env)
     topics = [s.topic_raw, s.topic_unique, s.topic_dlq]
-    asyncio.run(ensure_topics(s.bootstrap_servers, topics, s.partitions, s.replication))
+    asyncio.run(declare_topics(s, topics))
     return s
 
 

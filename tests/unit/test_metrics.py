@@ -38,6 +38,12 @@ def _app() -> SimpleNamespace:
         ledger_answers=12,
         broker_checks=3,
         aborts=2,
+        failures=6,
+        rewinds=5,
+        poison=1,
+        unknown_checks=4,
+        progress_recoveries=8,
+        stalled_seconds=lambda: 12.5,
         # the coordinator's own restore of the active changelogs, under way
         restore_remaining={TP("dedup-changelog", 0): 5, TP("dedup-changelog", 1): 2},
         commit_seconds=[0.01, 0.02, 0.03],
@@ -79,6 +85,12 @@ def test_metrics_read_the_live_objects_at_scrape_time() -> None:
     assert first[("pipeline_transactions_aborted_total", ())] == 2
     assert first[("pipeline_offset_gap_checks_total", (("source", "fetch"),))] == 12
     assert first[("pipeline_offset_gap_checks_total", (("source", "broker"),))] == 3
+    assert first[("pipeline_partition_stalled_seconds", ())] == 12.5
+    assert first[("pipeline_event_failures_total", ())] == 6
+    assert first[("pipeline_partition_rewinds_total", ())] == 5
+    assert first[("pipeline_poison_records_total", ())] == 1
+    assert first[("pipeline_offset_checks_unknown_total", ())] == 4
+    assert first[("pipeline_progress_recoveries_total", ())] == 8
     # Nothing is copied at registration: the next scrape sees the new values.
     app.stats.seen = 11
     app.rebalancing = True

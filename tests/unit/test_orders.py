@@ -218,3 +218,20 @@ def test_properties_over_arbitrary_streams(events: list[OrderEvent]) -> None:
         )
     for user, cents in expected.items():
         assert balances[user].balance_cents == cents
+
+
+def test_a_balance_beyond_64_bits_is_exact_through_its_encoding() -> None:
+    """The contract: no effect on a balance is ever lost to an arithmetic or encoding
+    limit. 2^63 - 1 cents, paid many times over, outgrows every 64-bit integer (orjson
+    refuses to encode it, and decodes such JSON as a float)."""
+    big = 2**63 - 1
+    balance = None
+    for n in range(5):
+        delta = BalanceDelta("u", f"o{n}", big, 2, f"e{n}", 1)
+        raw = Balance.decode(balance.encode()) if balance is not None else None
+        balance = apply_delta(raw, delta)
+    assert balance is not None
+    assert balance.balance_cents == 5 * big > 2**64
+    again = Balance.decode(balance.encode())
+    assert again == balance
+    assert type(again.balance_cents) is int

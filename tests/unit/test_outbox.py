@@ -3,19 +3,45 @@ writer's lifecycles. SQLite files, no Kafka."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    CorruptRecordException,
+    InvalidTimestampError,
+    InvalidTopicError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaStorageError,
+    KafkaTimeoutError,
+    LeaderNotAvailableError,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+    NotEnoughReplicasError,
+    NotLeaderForPartitionError,
+    OutOfOrderSequenceNumber,
+    PolicyViolationError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+    UnknownError,
+    UnknownTopicOrPartitionError,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from pipeline import db, outbox, shop
 from pipeline.models import OrderEvent, parse_event
 from pipeline.outbox import BUCKETS, Claims, Row, bucket_of, invalid_reason, published_prefix
+from pipeline.settings import Settings
 from tables.orders import Order, Rejected, transition
 
 RAW = "orders.raw"
@@ -241,3 +267,384 @@ def test_shop_writes_business_rows_and_events(engine: Engine) -> None:
     shop.apply_step(engine, first, RAW, retry=True)
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(db.outbox)).scalar_one() == n
+
+
+# -- poison rows (issue 12, item 6): a fake producer, no broker ---------------------------
+
+
+class FakeBroker:
+    """What a broker kept, and the rules it refuses records by."""
+
+    def __init__(self, record_limit: int = 1_000_000, request_limit: int = 2 * 1024 * 1024):
+        self.record_limit = record_limit
+        self.request_limit = request_limit
+        #: records per batch (one topic has one partition here)
+        self.batch_records = 3
+        self.log: list[tuple[str, bytes | None, bytes]] = []
+        #: per topic, errors to fail the next sends' futures with (a passing fault)
+        self.faults: dict[str, list[BaseException]] = defaultdict(list)
+        self.producers = 0
+
+
+class FakeProducer:
+    """aiokafka's producer as far as the relay uses it: ``send`` raises a record over
+    max_request_size at once; the broker answers per batch (up to ``batch_records`` of
+    one topic sent before the loop next runs), so one refused record fails its whole
+    batch, and the idempotent sequence it broke fails the batches after it."""
+
+    broker: FakeBroker
+
+    def __init__(self, **_: object) -> None:
+        self.pending: list[tuple[str, bytes | None, bytes, asyncio.Future[object]]] = []
+        self.broken: set[str] = set()  # topics whose sequence a failed batch broke
+
+    async def start(self) -> None:
+        self.broker.producers += 1
+
+    async def stop(self) -> None:
+        return None
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, timestamp_ms: int = 0
+    ) -> asyncio.Future[object]:
+        size = len(value) + len(key or b"") + 70
+        if size > self.broker.request_limit:
+            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._answer)
+        self.pending.append((topic, key, value, fut))
+        return fut
+
+    def _answer(self) -> None:
+        batches: dict[str, list[tuple[bytes | None, bytes, asyncio.Future[object]]]] = defaultdict(
+            list
+        )
+        for topic, key, value, fut in self.pending:
+            batches[topic].append((key, value, fut))
+        self.pending = []
+        n = self.broker.batch_records
+        for topic, records in batches.items():
+            for i in range(0, len(records), n):
+                self._answer_batch(topic, records[i : i + n])
+
+    def _answer_batch(
+        self, topic: str, batch: list[tuple[bytes | None, bytes, asyncio.Future[object]]]
+    ) -> None:
+        error: BaseException | None = None
+        if self.broker.faults[topic]:
+            error = self.broker.faults[topic].pop(0)
+        elif topic in self.broken:
+            error = OutOfOrderSequenceNumber()
+        elif any(len(v) + len(k or b"") > self.broker.record_limit for k, v, _ in batch):
+            error = MessageSizeTooLargeError()
+            self.broken.add(topic)
+        for key, value, fut in batch:
+            if error is None:
+                self.broker.log.append((topic, key, value))
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+
+@pytest.fixture
+def broker(monkeypatch: pytest.MonkeyPatch) -> FakeBroker:
+    b = FakeBroker()
+    FakeProducer.broker = b
+    monkeypatch.setattr(outbox, "AIOKafkaProducer", FakeProducer)
+    return b
+
+
+def relay_for(engine: Engine, *topics: str) -> outbox.Relay:
+    relay = outbox.Relay(Settings(app_id="t"), str(engine.url.database))
+    relay.known_topics = {RAW, *topics}  # no topic check: it asks a broker
+    return relay
+
+
+async def publish_round(relay: outbox.Relay, engine: Engine) -> BaseException | None:
+    claims = Claims(engine, "r")
+    rows_ = claims.fetch(claims.refresh(), 1000)
+    try:
+        await relay._publish(rows_, claims)
+    except KafkaError as error:
+        return error
+    return None
+
+
+def add_row(conn: Connection, event_id: str, topic: str, key: bytes | None, value: bytes) -> None:
+    outbox.add(conn, event_id=event_id, topic=topic, key=key, value=value)
+
+
+def outbox_state(engine: Engine) -> dict[str, tuple[bool, str | None]]:
+    o = db.outbox
+    with engine.connect() as conn:
+        return {r.event_id: (r.published_ms is not None, r.error) for r in conn.execute(select(o))}
+
+
+def keys_in_order(b: FakeBroker, topic: str) -> dict[bytes | None, list[bytes]]:
+    seqs: dict[bytes | None, list[bytes]] = defaultdict(list)
+    for t, k, v in b.log:
+        if t == topic:
+            seqs[k].append(v)
+    return seqs
+
+
+async def test_a_key_too_large_for_kafka_is_marked_and_the_rest_published(
+    engine: Engine, broker: FakeBroker
+) -> None:
+    """aiokafka refuses a record over max_request_size in ``send`` itself: the relay let
+    that raise out of the batch, after sending the rows before it, which were never
+    marked, so every round published them again, forever."""
+    with engine.begin() as conn:
+        for n in range(3):
+            add(conn, "a", n)
+        add_row(conn, "big", "audit", b"k" * (2 * 1024 * 1024), b"{}")
+        for n in range(3, 6):
+            add(conn, "a", n)
+        add(conn, "b", 0)
+    relay = relay_for(engine, "audit")
+    assert await publish_round(relay, engine) is None
+    state = outbox_state(engine)
+    assert state.pop("big")[1] is not None
+    assert "MessageSizeTooLargeError" in (outbox_state(engine)["big"][1] or "")
+    assert all(published and error is None for published, error in state.values()), state
+    assert len(broker.log) == 7  # each once
+    assert await publish_round(relay, engine) is None
+    assert len(broker.log) == 7  # nothing again
+
+
+async def test_a_batch_kafka_refuses_is_split_to_the_one_record(
+    engine: Engine, broker: FakeBroker
+) -> None:
+    """The broker refuses a batch for one record in it (over message.max.bytes), and the
+    failed batch breaks the idempotent producer's sequence for the records after it:
+    each suspect is sent again alone; only the record refused alone is marked."""
+    with engine.begin() as conn:
+        for i in range(4):
+            add_row(conn, f"s{i}", "audit", b"s", orjson.dumps(i))
+        add_row(conn, "huge", "audit", b"h" * 1_500_000, b"{}")
+        for i in range(4, 8):
+            add_row(conn, f"s{i}", "audit", b"s", orjson.dumps(i))
+        add(conn, "a", 0)
+    relay = relay_for(engine, "audit")
+    first = await publish_round(relay, engine)
+    state = outbox_state(engine)
+    assert "MessageSizeTooLargeError" in (state["huge"][1] or "")
+    assert not state["huge"][0]
+    assert all(state[f"s{i}"] == (True, None) for i in range(4)), state
+    assert state["a-e0"] == (True, None)
+    # The rows batched after the bad one's batch failed out of sequence: a passing error,
+    # they stay pending for the next round, which sends them in order.
+    assert isinstance(first, OutOfOrderSequenceNumber)
+    assert [state[f"s{i}"] for i in range(4, 8)] == [(True, None)] + [(False, None)] * 3
+    while await publish_round(relay, engine) is not None:
+        pass
+    state = outbox_state(engine)
+    assert all(state[f"s{i}"] == (True, None) for i in range(8)), state
+    assert keys_in_order(broker, "audit")[b"s"] == [orjson.dumps(i) for i in range(8)]
+    assert broker.producers >= 2  # a new producer after the broken sequence
+
+
+async def test_an_illegal_topic_name_is_marked_and_the_rest_published(
+    engine: Engine, broker: FakeBroker
+) -> None:
+    """The relay asked the broker to create "bad topic!"; the broker refused, the relay
+    waited for it to be listed and then raised, so every relay crash-looped."""
+    with engine.begin() as conn:
+        add(conn, "a", 0)
+        add_row(conn, "bad", "bad topic!", b"a", b"{}")
+        add(conn, "a", 1)
+        add(conn, "b", 0)
+    relay = relay_for(engine)
+    assert await publish_round(relay, engine) is None
+    state = outbox_state(engine)
+    assert not state["bad"][0] and "not a legal Kafka topic name" in (state["bad"][1] or "")
+    assert state["a-e0"] == state["a-e1"] == state["b-e0"] == (True, None)
+    assert keys_in_order(broker, RAW)[b"a"] == [event("a", 0), event("a", 1)]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KafkaTimeoutError(),
+        RequestTimedOutError(),
+        NotLeaderForPartitionError(),
+        KafkaConnectionError("gone"),
+        UnknownTopicOrPartitionError(),
+    ],
+)
+async def test_a_passing_error_never_marks_a_row(
+    engine: Engine, broker: FakeBroker, error: KafkaError
+) -> None:
+    with engine.begin() as conn:
+        add(conn, "a", 0)
+        add_row(conn, "x0", "audit", b"x", b"0")
+        add(conn, "a", 1)
+        add_row(conn, "x1", "audit", b"x", b"1")
+    broker.faults["audit"].append(error)
+    relay = relay_for(engine, "audit")
+    assert await publish_round(relay, engine) is error
+    state = outbox_state(engine)
+    assert state["x0"] == state["x1"] == (False, None)  # pending, neither sent nor failed
+    assert state["a-e0"] == state["a-e1"] == (True, None)
+    assert await publish_round(relay, engine) is None
+    assert all(v == (True, None) for v in outbox_state(engine).values())
+    assert keys_in_order(broker, "audit")[b"x"] == [b"0", b"1"]
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (MessageSizeTooLargeError(), "permanent"),
+        (RecordTooLargeError(), "permanent"),
+        (RecordListTooLargeError(), "permanent"),
+        (InvalidTopicError(), "permanent"),
+        (TopicAuthorizationFailedError("t"), "permanent"),
+        (InvalidTimestampError(), "permanent"),
+        (CorruptRecordException(), "permanent"),
+        (PolicyViolationError(), "permanent"),
+        (KafkaTimeoutError(), "transient"),
+        (RequestTimedOutError(), "transient"),
+        (NotLeaderForPartitionError(), "transient"),
+        (LeaderNotAvailableError(), "transient"),
+        (KafkaConnectionError("x"), "transient"),
+        (NodeNotReadyError(), "transient"),
+        (NotEnoughReplicasError(), "transient"),
+        (KafkaStorageError(), "transient"),
+        (UnknownTopicOrPartitionError(), "transient"),
+        (OutOfOrderSequenceNumber(), "transient"),
+        (ProducerFenced(), "transient"),
+        (ClusterAuthorizationFailedError(), "transient"),  # the relay's config, not a row
+        (UnknownError(), "transient"),
+        (RuntimeError("?"), "transient"),
+    ],
+)
+def test_send_errors_are_classified(error: BaseException, kind: str) -> None:
+    assert outbox.send_error_kind(error) == kind
+
+
+def test_topic_names_and_verdicts() -> None:
+    for bad in ["bad topic!", "", ".", "..", "a" * 250, "tab\there", "é"]:
+        assert outbox.topic_name_error(bad), bad
+    for good in [RAW, "a" * 249, "A-b_c.9", "..."]:
+        assert outbox.topic_name_error(good) is None, good
+    assert outbox.topic_verdict(0) == outbox.topic_verdict(36) == "ready"
+    assert outbox.topic_verdict(3) == "missing"
+    assert outbox.topic_verdict(17) == outbox.topic_verdict(29) == "refused"
+    assert outbox.topic_verdict(44) == "refused"
+    assert outbox.topic_verdict(5) == outbox.topic_verdict(38) == "unavailable"
+
+
+class FakeAdmin:
+    """A broker that answers: by default every topic missing, and creating one seems to
+    work (but it never shows up)."""
+
+    fail: BaseException | None = None
+    listed: tuple[str, ...] = ()
+    create_code = 0
+    describe_code = 3
+    partitions: tuple[dict[str, int], ...] = ()
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        if FakeAdmin.fail is not None:
+            raise FakeAdmin.fail
+
+    async def close(self) -> None:
+        return None
+
+    async def list_topics(self) -> list[str]:
+        return list(FakeAdmin.listed)
+
+    async def describe_topics(self, topics: list[str]) -> list[dict[str, object]]:
+        return [
+            {"topic": t, "error_code": FakeAdmin.describe_code, "partitions": FakeAdmin.partitions}
+            for t in topics
+        ]
+
+    async def create_topics(self, new: list[object]) -> object:
+        class Created:
+            def to_object(self) -> dict[str, object]:
+                return {
+                    "topic_errors": [
+                        {"topic": n.name, "error_code": FakeAdmin.create_code}  # type: ignore[attr-defined]
+                        for n in new
+                    ]
+                }
+
+        return Created()
+
+
+@pytest.fixture
+def admin(monkeypatch: pytest.MonkeyPatch) -> type[FakeAdmin]:
+    monkeypatch.setattr(outbox, "AIOKafkaAdminClient", FakeAdmin)
+    monkeypatch.setattr(outbox.asyncio, "sleep", _no_sleep)
+    for name, value in vars(FakeAdmin).copy().items():
+        if name in ("fail", "listed", "create_code", "describe_code", "partitions"):
+            monkeypatch.setattr(FakeAdmin, name, value)
+    return FakeAdmin
+
+
+@pytest.mark.parametrize(
+    ("listed", "create_code", "describe_code", "verdict"),
+    [
+        ((), 0, 0, "ready"),  # created, then described with partitions
+        (("t",), 0, 0, "ready"),  # there already
+        ((), 36, 0, "ready"),  # created by someone else meanwhile
+        ((), 17, 3, "refused"),  # invalid topic (a name the broker refuses)
+        ((), 29, 3, "refused"),  # not authorized to create it
+        ((), 44, 3, "refused"),  # a create policy refuses it
+        ((), 38, 3, "waiting"),  # invalid replication factor: the relay's setting
+        (("t",), 0, 5, "waiting"),  # listed, no leader yet: no clock
+    ],
+)
+async def test_topic_check_verdicts(
+    engine: Engine,
+    admin: type[FakeAdmin],
+    listed: tuple[str, ...],
+    create_code: int,
+    describe_code: int,
+    verdict: str,
+) -> None:
+    admin.listed, admin.create_code, admin.describe_code = listed, create_code, describe_code
+    admin.partitions = ({"partition": 0, "leader": 1},)
+    relay = outbox.Relay(Settings(app_id="t"), str(engine.url.database))
+    ready, refused, waiting = await relay._check_topics(["t"])
+    got = "ready" if "t" in ready else "refused" if "t" in refused else "waiting"
+    assert got == verdict, (ready, refused, waiting)
+    assert bool(waiting) is (verdict == "waiting")
+    if verdict == "refused":
+        assert refused["t"].startswith("topic 't': refused by Kafka")
+    assert ("t" in relay.missing_since) is (verdict == "waiting" and not listed)
+
+
+async def test_a_missing_topic_is_refused_only_after_a_bounded_wait_with_a_broker_answering(
+    engine: Engine, broker: FakeBroker, admin: type[FakeAdmin]
+) -> None:
+    with engine.begin() as conn:
+        add_row(conn, "m0", "ghost", b"g", b"0")
+        add(conn, "a", 0)
+    relay = outbox.Relay(Settings(app_id="t"), str(engine.url.database), topic_wait_s=30)
+    relay.known_topics = {RAW}
+    # A broker that does not answer starts no clock, however long it lasts.
+    admin.fail = KafkaConnectionError("no broker")
+    assert await publish_round(relay, engine) is not None
+    admin.fail = None
+    assert relay.missing_since == {}
+    assert outbox_state(engine)["m0"] == (False, None)
+    # The broker answers "missing": the clock starts, the row waits...
+    assert await publish_round(relay, engine) is not None
+    assert outbox_state(engine)["m0"] == (False, None)
+    assert "ghost" in relay.missing_since
+    # ...and once the topic has stayed missing past the wait, its rows are refused.
+    relay.missing_since["ghost"] -= 31
+    assert await publish_round(relay, engine) is None
+    state = outbox_state(engine)
+    assert "ghost is missing" in (state["m0"][1] or "") and not state["m0"][0]
+    assert state["a-e0"] == (True, None)
+
+
+async def _no_sleep(_: float) -> None:
+    return None

@@ -353,3 +353,195 @@ def test_url_forms(tmp_path: Path) -> None:
     db.create_schema(e)
     db.create_schema(e)  # idempotent
     assert count(e, db.sink_orders) == 0
+
+
+# -- values the database refuses (issue 12, item 5) ---------------------------------------
+
+
+def _refusals(engine: Engine) -> dict[tuple[str, int], tuple[str | None, str]]:
+    r = db.sink_refusals
+    with engine.connect() as conn:
+        return {
+            (x.topic, x.offset): (x.key, x.reason)
+            for x in conn.execute(select(r.c.topic, r.c.offset, r.c.key, r.c.reason))
+        }
+
+
+def test_a_value_no_column_holds_is_refused_and_the_rest_of_the_batch_lands(
+    engine: Engine,
+) -> None:
+    """ts_ms >= 2^63 made SQLite's driver raise OverflowError (PostgreSQL: DataError) for
+    the whole batch, on every restart: the sink crash-looped and nothing behind it landed."""
+    top = 2**63 - 1
+    batch: list[Rec] = [
+        change("a", 1, 0),
+        ChangeRec(CH, 0, 1, "b-e1", "b", "NEW", "CREATED", 1, 2**63),
+        ChangeRec(CH, 0, 2, "c-e1", "c", "NEW", "CREATED", 1, top),
+        ChangeRec(CH, 0, 3, "n-e1", "n\x00ul", "NEW", "CREATED", 1, 5),
+        ChangeRec(CH, 0, 4, "l-e1", "l" * 129, "NEW", "CREATED", 1, 5),
+        change("a", 2, 5),
+        ChangeRec(CH, 0, 6, "b-e2", "b", "CREATED", "PAID", 2, 7),  # its v1 was refused
+        CouponRec(CP, 0, 0, coupon_id("rich"), "rich", "u1", top),
+        CouponRec(CP, 0, 1, coupon_id("poor"), "poor", "u1", 2**63),
+        coupon("a", 2),
+    ]
+    plan = apply(engine, batch)
+    assert orders_table(engine) == {"a": ("PAID", 2), "c": ("CREATED", 1)}
+    with engine.connect() as conn:
+        assert load_offsets(conn) == {(CH, 0): 7, (CP, 0): 3}
+        stored_ts = conn.execute(
+            select(db.sink_orders.c.updated_ms).where(db.sink_orders.c.order_id == "c")
+        ).scalar_one()
+        amounts = dict(
+            conn.execute(select(db.sink_coupons.c.order_id, db.sink_coupons.c.amount_cents)).all()
+        )
+    assert stored_ts == top
+    assert amounts == {"rich": top, "a": 500}
+    refused = _refusals(engine)
+    assert set(refused) == {(CH, 1), (CH, 3), (CH, 4), (CH, 6), (CP, 1)}
+    assert "updated_ms" in refused[(CH, 1)][1] and "64-bit" in refused[(CH, 1)][1]
+    assert "NUL" in refused[(CH, 3)][1] and refused[(CH, 3)][0] == "'n\\x00ul'"
+    assert "129 characters" in refused[(CH, 4)][1]
+    assert "gap" in refused[(CH, 6)][1]
+    assert "amount_cents" in refused[(CP, 1)][1]
+    assert len(plan.refusals) == 5  # type: ignore[attr-defined]
+
+
+def test_a_refusal_only_the_database_knows_is_isolated_to_its_record(engine: Engine) -> None:
+    """A constraint the plan cannot foresee (here a trigger) fails the batch's writes: the
+    batch is split down to the one record, which is refused with the database's reason,
+    and every other row of the batch lands in the same transaction as the offsets."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER veto BEFORE INSERT ON orders WHEN NEW.order_id = 'vetoed'"
+            " BEGIN SELECT RAISE(ABORT, 'vetoed by a trigger'); END"
+        )
+    batch: list[Rec] = [change(f"o{i}", 1, i) for i in range(40)]
+    batch[17] = change("vetoed", 1, 17)
+    batch.append(change("vetoed", 2, 40))
+    batch.append(change("o3", 2, 41))
+    apply(engine, batch)
+    want = {f"o{i}": ("CREATED", 1) for i in range(40) if i != 17}
+    want["o3"] = ("PAID", 2)
+    assert orders_table(engine) == want
+    with engine.connect() as conn:
+        assert load_offsets(conn) == {(CH, 0): 42}
+    refused = _refusals(engine)
+    assert set(refused) == {(CH, 17), (CH, 40)}
+    key, reason = refused[(CH, 17)]
+    assert key == "vetoed"
+    assert reason.startswith("refused by the database: IntegrityError")
+    assert "vetoed by a trigger" in reason
+    assert "gap" in refused[(CH, 40)][1]
+
+
+def test_driver_refusals_are_isolated_without_the_plan_check(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database path on its own: with the plan's check off, sqlite3's OverflowError
+    and an unencodable string are content errors of their record only."""
+    monkeypatch.setattr("pipeline.sink.unstorable", lambda rec: None)
+    batch: list[Rec] = [
+        change("a", 1, 0),
+        ChangeRec(CH, 0, 1, "b-e1", "b", "NEW", "CREATED", 1, 2**63),
+        ChangeRec(CH, 0, 2, "s-e1", "s\ud800", "NEW", "CREATED", 1, 5),
+        change("c", 1, 3),
+        CouponRec(CP, 0, 0, "cp", "p", "u", -(2**63) - 1),
+    ]
+    apply(engine, batch)
+    assert orders_table(engine) == {"a": ("CREATED", 1), "c": ("CREATED", 1)}
+    refused = _refusals(engine)
+    assert set(refused) == {(CH, 1), (CH, 2), (CP, 0)}
+    assert "OverflowError" in refused[(CH, 1)][1]
+    assert "UnicodeEncodeError" in refused[(CH, 2)][1]
+    with engine.connect() as conn:
+        assert load_offsets(conn) == {(CH, 0): 4, (CP, 0): 1}
+
+
+def test_a_refusal_the_database_cannot_hold_either_is_written_in_ascii(engine: Engine) -> None:
+    """A database whose encoding cannot hold the refused record's id (here a trigger
+    refusing non-ASCII in sink_refusals) still gets the refusal, so the sink moves on."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER veto BEFORE INSERT ON orders WHEN NEW.order_id = 'ca\u00f1on'"
+            " BEGIN SELECT RAISE(ABORT, 'vetoed'); END"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER ascii_only BEFORE INSERT ON sink_refusals"
+            " WHEN NEW.key GLOB '*[^ -~]*' BEGIN SELECT RAISE(ABORT, 'not ASCII'); END"
+        )
+    apply(engine, [change("a", 1, 0), change("ca\u00f1on", 1, 1), change("b", 1, 2)])
+    assert orders_table(engine) == {"a": ("CREATED", 1), "b": ("CREATED", 1)}
+    key, reason = _refusals(engine)[(CH, 1)]
+    assert key == "'ca\\xf1on'" and "vetoed" in reason
+    with engine.connect() as conn:
+        assert load_offsets(conn) == {(CH, 0): 3}
+
+
+def test_a_conflict_inside_the_savepoint_still_fails_the_transaction(engine: Engine) -> None:
+    """A row moved under the sink is a conflict to replay, never a refusal of content."""
+    apply(engine, [change("a", 1, 0)])
+    with engine.begin() as conn:
+        # The update then matches no row, as if another writer had moved it.
+        conn.exec_driver_sql(
+            "CREATE TRIGGER hold BEFORE UPDATE ON orders BEGIN SELECT RAISE(IGNORE); END"
+        )
+    with pytest.raises(Conflict, match="order rows"), engine.begin() as conn:
+        apply_batch(conn, [change("b", 1, 1), change("a", 2, 2)])
+    assert orders_table(engine) == {"a": ("CREATED", 1)}
+    assert _refusals(engine) == {}
+    with engine.connect() as conn:
+        assert load_offsets(conn) == {(CH, 0): 1}
+
+
+def test_refusal_keys_and_reasons_are_bounded() -> None:
+    huge = "x" * 1_000_000
+    plan = plan_batch(
+        [
+            ChangeRec(CH, 0, 0, "e", huge, "NEW", "CREATED", 1, 1),
+            CouponRec(CP, 0, 0, huge, "o", "u", 1),
+            ChangeRec(CH, 0, 1, huge, "o", "NEW", "CREATED", 1, 1),
+        ],
+        {},
+        {},
+    )
+    assert len(plan.refusals) == 3
+    for f in plan.refusals:
+        assert f.key is None or len(f.key) <= 128
+        assert len(f.reason) <= 200, f.reason
+    bad = parse_record(
+        "changes",
+        CH,
+        0,
+        0,
+        orjson.dumps(
+            {"event_id": "e", "order_id": "o", "from": huge, "to": "X", "version": 1, "ts_ms": 1}
+        ),
+    )
+    assert isinstance(bad, BadRec) and len(bad.reason) <= 200, bad
+
+
+def _with_bad_values(records: list[Rec], picks: list[int]) -> list[Rec]:
+    out = list(records)
+    for i in picks:
+        r = out[i % len(out)]
+        if isinstance(r, ChangeRec):
+            out[i % len(out)] = ChangeRec(
+                r.topic, r.partition, r.offset, r.event_id, r.order_id, r.from_status,
+                r.to_status, r.version, 2**63 + i,
+            )  # fmt: skip
+    return out
+
+
+@given(
+    st.integers(1, 20),
+    st.integers(1, 3),
+    st.lists(st.integers(0, 200), max_size=5),
+    st.lists(st.integers(0, 200), max_size=8),
+)
+def test_refusals_of_unstorable_values_do_not_depend_on_the_batching(
+    orders: int, parts: int, bad: list[int], cuts: list[int]
+) -> None:
+    records = _with_bad_values(_lifecycle_records(orders, parts), bad)
+    cuts = [c for c in cuts if c <= len(records)]
+    assert _run_plans(records, cuts) == _run_plans(records, [])
