@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ __all__ = [
     "feed",
     "progress",
     "settings_from",
+    "settled_owners",
     "unique_env",
     "wait_drained",
 ]
@@ -39,3 +41,25 @@ def unique_env(tmp: Path, **extra: str) -> dict[str, str]:
     # The broker's minimum session timeout: a kill -9'd worker's partitions move on quickly.
     extra = {"PIPELINE_SESSION_TIMEOUT_S": "6", **extra}
     return namespaced_env(f"t-{uuid.uuid4().hex[:10]}", broker_url(), tmp / "w0", **extra)
+
+
+async def settled_owners(
+    workers: list[Worker], topic: str, partitions: int, timeout: float
+) -> dict[str, set[int]]:
+    """Each worker's partitions of ``topic``, once none is rebalancing, each owns some,
+    and together they own every partition once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    owners: dict[str, set[int]] = {}
+    while loop.time() < deadline:
+        stats = [await asyncio.to_thread(w.stats) for w in workers]
+        if all(st is not None and not st.get("rebalancing") for st in stats):
+            owners = {
+                w.name: set(st.get("partitions", {}).get(topic, []))  # type: ignore[union-attr]
+                for w, st in zip(workers, stats, strict=True)
+            }
+            parts = sorted(p for ps in owners.values() for p in ps)
+            if all(owners.values()) and parts == list(range(partitions)):
+                return owners
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the workers did not settle in {timeout}s: {owners}")

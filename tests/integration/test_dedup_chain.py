@@ -21,7 +21,7 @@ from pipeline.kafka_io import committed_offsets, end_offsets, produce, record_en
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
-from .harness import Worker, feed, progress, wait_drained
+from .harness import Worker, feed, progress, settled_owners, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -58,27 +58,6 @@ async def _wait_every_partition_moves(
         if time.monotonic() > deadline:
             raise AssertionError(f"partitions {sorted(waiting)} did not move in {timeout}s")
         await asyncio.sleep(0.2)
-
-
-async def _settled_owners(
-    settings: Settings, workers: list[Worker], timeout: float
-) -> dict[str, set[int]]:
-    """Each worker's ``orders.raw`` partitions, once every worker owns some, none is
-    rebalancing, and together they own every partition once."""
-    deadline = time.monotonic() + timeout
-    owners: dict[str, set[int]] = {}
-    while time.monotonic() < deadline:
-        stats = [await asyncio.to_thread(w.stats) for w in workers]
-        if all(st is not None and not st.get("rebalancing") for st in stats):
-            owners = {
-                w.name: set(st.get("partitions", {}).get(settings.topic_raw, []))  # type: ignore[union-attr]
-                for w, st in zip(workers, stats, strict=True)
-            }
-            parts = [p for ps in owners.values() for p in ps]
-            if all(owners.values()) and sorted(parts) == list(range(settings.partitions)):
-                return owners
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"the workers did not settle in {timeout}s: {owners}")
 
 
 async def _wait_progress(
@@ -155,14 +134,14 @@ async def test_two_workers_rebalance_under_load(
     feeder = asyncio.create_task(_feed_until(settings, stop, seed=11, rate=1200))
     done = await _wait_progress(settings, 0, [a, b], timeout=90)
     # b dies while input flows; each of its partitions must move to a.
-    held = (await _settled_owners(settings, [a, b], timeout=120))["b"]
+    held = (await settled_owners([a, b], settings.topic_raw, settings.partitions, timeout=120))["b"]
     b.kill9()
     await _wait_every_partition_moves(settings, [a], timeout=120, must=held)
     done = await _wait_progress(settings, done + 2000, [a], timeout=120)
     # b comes back (another rebalance); once both own partitions, a dies and b takes
     # every one of them, still while input flows.
     b.start()
-    held = (await _settled_owners(settings, [a, b], timeout=120))["a"]
+    held = (await settled_owners([a, b], settings.topic_raw, settings.partitions, timeout=120))["a"]
     await _wait_progress(settings, done, [a, b], timeout=90)
     assert not feeder.done(), "the feeder stopped early"
     a.kill9()

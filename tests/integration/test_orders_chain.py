@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 
-from .harness import Worker, feed, progress, wait_drained
+from .harness import Worker, feed, progress, settled_owners, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -32,28 +32,6 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
             pass
         await asyncio.sleep(0.2 * (attempt + 1))
     raise AssertionError(f"no answer from {url}")
-
-
-async def _settled_owners(
-    settings: Settings, workers: list[Worker], timeout: float
-) -> dict[str, set[int]]:
-    """Each worker's ``orders.unique`` partitions, once none is rebalancing, each owns
-    some, and together they own every partition once."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    owners: dict[str, set[int]] = {}
-    while loop.time() < deadline:
-        stats = [await asyncio.to_thread(w.stats) for w in workers]
-        if all(st is not None and not st.get("rebalancing") for st in stats):
-            owners = {
-                w.name: set(st.get("partitions", {}).get(settings.topic_unique, []))  # type: ignore[union-attr]
-                for w, st in zip(workers, stats, strict=True)
-            }
-            parts = sorted(p for ps in owners.values() for p in ps)
-            if all(owners.values()) and parts == list(range(settings.partitions)):
-                return owners
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"the workers did not settle in {timeout}s: {owners}")
 
 
 def _owner_partition(key: str, partitions: int) -> int:
@@ -103,7 +81,7 @@ async def test_full_chain_two_workers_killed_repeatedly(
     # Views answer during a rebalance too, from a copy that may be behind (and say so);
     # the comparison is with the settled state: both workers own partitions, neither is
     # rebalancing, and together they own each partition once.
-    owned = await _settled_owners(settings, workers, timeout=120)
+    owned = await settled_owners(workers, settings.topic_unique, settings.partitions, timeout=120)
     routed = 0
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -138,7 +116,10 @@ async def test_full_chain_two_workers_killed_repeatedly(
         await asyncio.gather(*jobs)
         assert not wrong, f"{len(wrong)} wrong answers, e.g.\n" + "\n".join(wrong[:10])
         # No rebalance came in between, so the routing above was to settled owners.
-        assert await _settled_owners(settings, workers, timeout=5) == owned
+        assert (
+            await settled_owners(workers, settings.topic_unique, settings.partitions, timeout=5)
+            == owned
+        )
         assert routed > 1000  # half the questions went to the worker that does not own the key
 
         # Unknown and malformed keys: clear JSON errors.
