@@ -38,7 +38,7 @@ from typing import IO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline.admin import RAW_CONFIG, drop_topics, ensure_topics
+from pipeline.admin import LARGE_CONFIG, RAW_CONFIG, drop_topics, ensure_topics
 from pipeline.bench_stats import Run, percentile, render_ratios, render_table
 from pipeline.generate import generate
 from pipeline.kafka_io import partitions_of, produce
@@ -113,7 +113,7 @@ async def _workload(bootstrap: str, topics: list[str], raw: str, count: int) -> 
     # The input as the pipeline declares it (append time, room for 1 MiB values), so
     # that every system reads the same topic as our workers need it.
     await ensure_topics(bootstrap, [raw], 8, config=RAW_CONFIG)
-    await ensure_topics(bootstrap, [t for t in topics if t != raw], 8)
+    await ensure_topics(bootstrap, [t for t in topics if t != raw], 8, config=LARGE_CONFIG)
     await produce(
         bootstrap,
         raw,
