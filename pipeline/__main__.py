@@ -71,7 +71,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             break
         time.sleep(0.5)
     print(
-        f"{settings.topic_raw} -> {settings.topic_unique} -> {settings.deltas_topic}: "
+        f"{settings.topic_raw} -> {settings.by_order_topic} -> {settings.topic_unique} -> "
+        f"{settings.deltas_topic}: "
         f"{done} of {total} records committed by group {settings.app_id} (lag {total - done})"
     )
     return 0 if done >= total else 1
