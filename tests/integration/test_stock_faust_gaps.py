@@ -78,24 +78,32 @@ async def _until_drained_or_stuck(settings: Settings, worker: Worker, timeout: f
     return False
 
 
-async def _unique_broken_for_committed_input(settings: Settings) -> tuple[int, int]:
-    """(duplicated ids, missing ids) of ``orders.unique`` over the input the group committed.
+async def _hop_broken(settings: Settings, source: str, output: str) -> tuple[int, int]:
+    """(duplicated ids, missing ids) of one exactly-once hop, over the input it committed.
 
-    Every input record here is valid, so the id of each one below its partition's
-    committed offset must be on ``orders.unique`` exactly once (copies of an id share it).
+    Every event of this input is valid and sent once, so each record of ``source`` below
+    its partition's committed offset must have made exactly one record on ``output`` (the
+    route hop: orders.raw to the rekeyed input; the dedup hop: that to orders.unique):
+    a hop commits its outputs with its input offsets, whatever the stages after it did.
     """
-    committed = await committed_offsets(
-        settings.bootstrap_servers, settings.app_id, settings.topic_raw
-    )
+    committed = await committed_offsets(settings.bootstrap_servers, settings.app_id, source)
     expected: set[str] = set()
-    async for m in read_topic(settings.bootstrap_servers, settings.topic_raw):
+    async for m in read_topic(settings.bootstrap_servers, source):
         if m.offset < (committed.get(m.partition) or 0):
             expected.add(orjson.loads(m.value)["event_id"])
     seen: Counter[str] = Counter()
-    async for m in read_topic(settings.bootstrap_servers, settings.topic_unique):
+    async for m in read_topic(settings.bootstrap_servers, output):
         seen[orjson.loads(m.value)["event_id"]] += 1
     duplicated = sum(1 for n in seen.values() if n > 1)
     return duplicated, len(expected - set(seen))
+
+
+async def _dedup_hop_broken(settings: Settings) -> tuple[int, int]:
+    return await _hop_broken(settings, settings.by_order_topic, settings.topic_unique)
+
+
+async def _route_hop_broken(settings: Settings) -> tuple[int, int]:
+    return await _hop_broken(settings, settings.topic_raw, settings.by_order_topic)
 
 
 CASES = [
@@ -110,17 +118,17 @@ CASES = [
 async def test_gap_breaks_exactly_once_without_fix(
     fix: str, step: Step, settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
-    assert await feed(settings, 6000, seed=5, dup_rate=0.1, bad_rate=0.0) == 6000
+    assert await feed(settings, 6000, seed=5, dup_rate=0.0, bad_rate=0.0) == 6000
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.5", **_stock(fix))
     # The crash comes before the commit of a transaction of the dedup stage that holds
     # at least MIN_EVENTS events: their ids are already marked seen in RocksDB.
-    worker.start(PIPELINE_CRASH_AT=step.value, **_fault(settings))
+    worker.start(PIPELINE_CRASH_AT=step.value, **_fault(settings, settings.by_order_topic))
     code = await asyncio.to_thread(worker.wait_exit, 120)
     assert code == EXIT_INJECTED, worker.log_tail()
     worker.start()
     await _until_drained_or_stuck(settings, worker, timeout=180)
     worker.kill9()
-    _, missing = await _unique_broken_for_committed_input(settings)
+    _, missing = await _dedup_hop_broken(settings)
     assert missing > 0, f"{fix} off: no break found (no losses after a crash at {step})"
 
 
@@ -187,14 +195,16 @@ def _keyless(records: Iterable[Record]) -> Iterator[Record]:
 async def test_route_by_source(
     fixed: bool, settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
-    """Unkeyed input: ``orders.unique`` (keyed by order_id) lands on other partitions.
+    """Unkeyed input: the route stage's outputs (rekeyed by order_id) land on other
+    partitions than their events.
 
     Stock routing puts each output in the transaction of its *destination* partition.
-    One transaction of the dedup stage is aborted (injected, as a broker timeout would)
+    One transaction of the route stage is aborted (injected, as a broker timeout would)
     once the other partitions' commits of its round have ended. It held outputs of
     other partitions' events, whose offsets those commits just committed (lost), and
     the outputs of its own at least MIN_EVENTS events went out in the others' committed
-    transactions (duplicated when its events are processed again).
+    transactions (duplicated when its events are processed again). The route hop is
+    judged by itself: the dedup stage after it would hide its duplicates.
     """
     count = 6000
     assert (
@@ -216,13 +226,14 @@ async def test_route_by_source(
     if fixed:
         await wait_drained(settings, [worker], timeout=180)
         worker.stop()
+        assert await _route_hop_broken(settings) == (0, 0)
         report = await reconcile(settings)
         unique = report.checks[0]
         assert unique.duplicates + unique.missing + unique.unexpected == 0, report.render()
     else:
         await _until_drained_or_stuck(settings, worker, timeout=180)
         worker.kill9()
-        duplicated, missing = await _unique_broken_for_committed_input(settings)
+        duplicated, missing = await _route_hop_broken(settings)
         assert duplicated + missing > 0, "route-by-source off: no break found"
 
 
@@ -238,7 +249,7 @@ async def test_failed_commit(
     assert await feed(settings, 6000, seed=31, dup_rate=0.1, bad_rate=0.0) == 6000
     extra = {} if fixed else _stock("fatal-commit")
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.5", **extra)
-    worker.start(PIPELINE_FAIL_AT=Step.COMMIT.value, **_fault(settings))
+    worker.start(PIPELINE_FAIL_AT=Step.COMMIT.value, **_fault(settings, settings.by_order_topic))
     if fixed:
         code = await asyncio.to_thread(worker.wait_exit, 120)
         assert code == EXIT_COMMIT_FAILED, worker.log_tail()
@@ -251,7 +262,7 @@ async def test_failed_commit(
         await _until_drained_or_stuck(settings, worker, timeout=180)
         worker.kill9()
         assert "fault injection: failing commit step" in worker.log_path.read_text()
-        _, missing = await _unique_broken_for_committed_input(settings)
+        _, missing = await _dedup_hop_broken(settings)
         assert missing > 0, "fatal-commit off: no break found (no losses after an abort)"
 
 
