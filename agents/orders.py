@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from pipeline.codecs import dlq_key, dlq_value
-from pipeline.models import BadInput, parse_event
+from pipeline.models import BadInput, excerpt, parse_event
 from pipeline.sending import dead_letters, direct_send
 from tables.orders import (
     Balance,
@@ -150,7 +150,15 @@ def decide_balance(
         # An internal topic, but a foreign or corrupt record must not stall it either.
         topic, partition, offset = where
         return Send(
-            "dlq", b"", dlq_value(f"bad balance delta: {exc!r}", topic, partition, offset, value)
+            "dlq",
+            b"",
+            dlq_value(
+                f"bad balance delta: {type(exc).__name__}: {excerpt(str(exc))}",
+                topic,
+                partition,
+                offset,
+                value,
+            ),
         )
     ukey = delta.user_id.encode()
     raw = lookup(ukey)
