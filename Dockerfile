@@ -24,8 +24,6 @@ WORKDIR /src
 # description); the glob keeps the build working in a checkout without it.
 COPY pyproject.toml README.md* ./
 COPY pipeline ./pipeline
-COPY agents ./agents
-COPY tables ./tables
 # A regular (not editable) install: the image runs the installed package, and
 # /src is only the build input.
 RUN pip install . && rm -rf build *.egg-info

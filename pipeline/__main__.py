@@ -14,11 +14,11 @@ from pipeline.settings import Settings
 
 def _produce(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.admin import declare_topics
-    from pipeline.generate import generate
     from pipeline.kafka_io import produce
+    from pipeline.tools.generate import generate
 
     if args.via_outbox:
-        from pipeline.shop import produce_via_outbox
+        from pipeline.tools.shop import produce_via_outbox
 
         if not args.db:
             print("produce --via-outbox needs --db URL", file=sys.stderr)
@@ -45,11 +45,11 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.reconcile import reconcile
+    from pipeline.tools.reconcile import reconcile
 
     report = asyncio.run(reconcile(settings, progress=sys.stderr.isatty()))
     if args.metrics_file:
-        from pipeline.reconcile import write_metrics
+        from pipeline.tools.reconcile import write_metrics
 
         write_metrics(report, args.metrics_file)
     if args.json:
@@ -62,7 +62,7 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from pipeline.procs import drained
+    from pipeline.tools.procs import drained
 
     deadline = time.monotonic() + (args.wait or 0)
     while True:
@@ -79,7 +79,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.bench import main as bench_main
+    from pipeline.tools.bench import main as bench_main
 
     return bench_main(args, settings)
 
@@ -149,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_bench)
 
-    from pipeline import chaos
+    from pipeline.tools import chaos
 
     chaos.add_parser(sub)
-    from pipeline import outbox, sink
+    from pipeline.edges import outbox, sink
 
     sink.add_parser(sub)
     outbox.add_parser(sub)

@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
-from pipeline.models import MAX_VALUE_BYTES
+from pipeline.domain.models import MAX_VALUE_BYTES
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -103,7 +103,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 
     ``orders.raw`` keeps the broker's append time in each record
     (``LogAppendTime``): the dedup window runs on when a copy arrived, which a
-    producer's clock or an outbox backlog cannot fake (``tables/dedup.py``).
+    producer's clock or an outbox backlog cannot fake (``pipeline/domain/dedup.py``).
     """
     return {
         settings.topic_raw: RAW_CONFIG,

@@ -1,6 +1,6 @@
 """The worker's entry point: ``faust -A pipeline.app worker -l info``."""
 
-from pipeline.topology import build
+from pipeline.worker import build
 
 topology = build()
 app = topology.app

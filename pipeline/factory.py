@@ -7,16 +7,15 @@ import os
 import time
 from typing import Any
 
-import faust
-from faust.types import TransportT
 from mode.utils.times import want_seconds
 from prometheus_client import Histogram
 
 from pipeline.admin import LARGE_MESSAGE_BYTES
-from pipeline.eos import Coordinator, ExactlyOnceTransactionManager, SettlingConsumer
+from pipeline.eos import Coordinator
+from pipeline.eos.faust.app import EngineApp
+from pipeline.eos.faust.store import EosTable
 from pipeline.settings import Settings
 from pipeline.stats import Stats
-from tables.store import EosTable
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +32,11 @@ _FAUST_ENV = (
 )
 
 
-class PipelineApp(faust.App):
-    """``faust.App`` with our exactly-once transaction manager and topic bootstrap."""
+class PipelineApp(EngineApp):
+    """``faust.App`` with our exactly-once engine (:class:`EngineApp`) and topic bootstrap."""
 
     settings: Settings
-    eos: Coordinator
     stats: Stats
-
-    def _new_transport(self) -> TransportT:
-        transport = super()._new_transport()
-        if self.settings.exactly_once:
-            # The transport builds the consumer's transaction manager from this class
-            # attribute; an instance attribute keeps other apps in the process stock.
-            transport.TransactionManager = ExactlyOnceTransactionManager  # type: ignore[misc]
-            transport.Consumer = SettlingConsumer  # type: ignore[misc]
-        return transport
 
     def on_rebalance_start(self) -> None:
         super().on_rebalance_start()

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline.generate import Record
+from pipeline.tools.generate import Record
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ async def produce(
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     parts = consumer.partitions_for_topic(topic)
     if parts is None:
-        # A consumer without subscriptions has no metadata for the topic yet.
-        await consumer._client.force_metadata_update()
+        # A consumer without subscriptions has no metadata for the topic yet: topics()
+        # fetches the cluster's metadata.
+        await consumer.topics()
         parts = consumer.partitions_for_topic(topic)
     return set(parts or ())
 

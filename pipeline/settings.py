@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     fail_event_topic: str | None = None
     fail_event_times: int = Field(default=1, ge=0)
     #: Test-only: comma-separated names of our fixes of stock Faust EOS to turn off
-    #: (see ``pipeline/eos.py``), to show that each gap is real.
+    #: (see ``pipeline/eos/__init__.py``), to show that each gap is real.
     disable_fix: str = ""
     #: Bench-only: "dedup" runs the dedup agent alone (no state machine, no balances), so
     #: ``bench`` can measure the first hop by itself. Default "all": the whole chain.

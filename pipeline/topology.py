@@ -1,6 +1,6 @@
-"""The one place that declares topics, tables and agents.
+"""The one place that declares topics and tables (:func:`declare`).
 
-Worker, tests and tools import :func:`build` (or the default :data:`pipeline.app.app`).
+The agents and web views are wired onto it by :func:`pipeline.worker.build`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 from faust.types import TopicT
 
+from pipeline.eos.faust.store import TransactionalStore
 from pipeline.factory import PipelineApp, create_app
 from pipeline.settings import Settings
-from tables.store import TransactionalStore
 
 
 @dataclass
@@ -46,15 +46,12 @@ def _topic(app: PipelineApp, name: str, partitions: int) -> TopicT:
     return topic
 
 
-def build(settings: Settings | None = None) -> Topology:
-    from agents import dedup, orders, route
-    from pipeline import web
-
-    settings = settings or Settings()
+def declare(settings: Settings) -> Topology:
+    """A new app with every topic and table declared (no agents yet)."""
     app = create_app(settings)
     n = settings.partitions
     raw = _topic(app, settings.topic_raw, n)
-    # orders.raw rekeyed by the order_id in the value (agents.route): internal.
+    # orders.raw rekeyed by the order_id in the value (pipeline.agents.route): internal.
     by_order = _topic(app, settings.by_order_topic, n)
     unique = _topic(app, settings.topic_unique, n)
     dlq = _topic(app, settings.topic_dlq, n)
@@ -102,23 +99,4 @@ def build(settings: Settings | None = None) -> Topology:
         orders_table,
         balances_table,
     )
-    eos = app.eos
-    eos.register_source(raw.get_topic_name())  # stateless: no table
-    for source, table in (
-        (by_order, dedup_table),
-        (unique, orders_table),
-        (deltas, balances_table),
-    ):
-        eos.register_source(source.get_topic_name())
-        assert isinstance(table.data, TransactionalStore)
-        eos.register_store(source.get_topic_name(), table.data)
-    app.agent(raw, name="route")(route.make_agent(topo))
-    app.agent(by_order, name="dedup")(dedup.make_agent(topo))
-    # PIPELINE_STAGES=dedup (bench only: route and dedup) leaves the later stages without
-    # an agent: their
-    # topics and tables are still declared, so nothing else changes shape.
-    if settings.stages == "all":
-        app.agent(unique, name="orders")(orders.make_orders_agent(topo))
-        app.agent(deltas, name="balances")(orders.make_balances_agent(topo))
-    web.install(topo)
     return topo

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from faust.web import Request, Response, View
 
-from pipeline.models import MAX_ID_CHARS
-from tables.orders import Balance, Order
+from pipeline.domain.models import MAX_ID_CHARS
+from pipeline.domain.orders import Balance, Order
 
 if TYPE_CHECKING:
     from pipeline.topology import Topology

@@ -1,4 +1,4 @@
-"""Test helpers around :mod:`pipeline.procs`: per-test topics, group and data dirs."""
+"""Test helpers around :mod:`pipeline.tools.procs`: per-test topics, group and data dirs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.generate import generate
 from pipeline.kafka_io import produce
-from pipeline.procs import Worker, namespaced_env, progress, settings_from, wait_drained
 from pipeline.settings import Settings
+from pipeline.tools.generate import generate
+from pipeline.tools.procs import Worker, namespaced_env, progress, settings_from, wait_drained
 
 __all__ = [
     "Worker",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.chaos import BROKER, KILL, KILL_REBALANCING, STOP, Plan, kinds_of, run_chaos
-from pipeline.procs import ROOT, free_port, settings_from
+from pipeline.tools.chaos import BROKER, KILL, KILL_REBALANCING, STOP, Plan, kinds_of, run_chaos
+from pipeline.tools.procs import ROOT, free_port, settings_from
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

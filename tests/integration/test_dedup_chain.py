@@ -16,10 +16,10 @@ from collections.abc import Callable
 import pytest
 
 from pipeline.eos import COMMIT_STEPS, EXIT_INJECTED, Step
-from pipeline.generate import generate
 from pipeline.kafka_io import committed_offsets, end_offsets, produce, record_ends
-from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
+from pipeline.tools.generate import generate
+from pipeline.tools.reconcile import reconcile
 
 from .harness import Worker, feed, progress, settled_owners, wait_drained
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import pytest
 
-from pipeline.generate import generate
 from pipeline.kafka_io import produce, read_topic
-from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
+from pipeline.tools.generate import generate
+from pipeline.tools.reconcile import reconcile
 
 from .harness import Worker, settings_from, wait_drained
 

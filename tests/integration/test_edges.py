@@ -18,13 +18,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from pipeline.admin import EXIT_CONFIG, drop_topics, ensure_topics
-from pipeline.codecs import DLQ_MAX_BYTES
+from pipeline.domain.codecs import DLQ_MAX_BYTES
+from pipeline.domain.models import MAX_VALUE_BYTES
 from pipeline.eos import EXIT_COMMIT_FAILED
-from pipeline.generate import Record, generate
 from pipeline.kafka_io import produce, read_topic
-from pipeline.models import MAX_VALUE_BYTES
-from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
+from pipeline.tools.generate import Record, generate
+from pipeline.tools.reconcile import reconcile
 
 from .harness import Worker, feed, settings_from, wait_drained
 

@@ -13,8 +13,8 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
+from pipeline.tools.reconcile import reconcile
 
 from .harness import Worker, feed, progress, settled_owners, wait_drained
 

@@ -30,14 +30,14 @@ import orjson
 import pytest
 from sqlalchemy import create_engine, func, make_url, select, text
 
-from pipeline import db, outbox
+from pipeline.domain.models import OrderEvent, parse_event
+from pipeline.domain.orders import Change, Coupon, Order, Rejected, transition
+from pipeline.edges import db, outbox
 from pipeline.kafka_io import committed_offsets, read_topic, record_ends
-from pipeline.models import OrderEvent, parse_event
-from pipeline.procs import ROOT
-from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
-from pipeline.shop import lifecycles
-from tables.orders import Change, Coupon, Order, Rejected, transition
+from pipeline.tools.procs import ROOT
+from pipeline.tools.reconcile import reconcile
+from pipeline.tools.shop import lifecycles
 
 from .harness import Worker, wait_drained
 

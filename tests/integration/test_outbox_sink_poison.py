@@ -18,12 +18,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import insert, select, text, update
 
-from pipeline import db, outbox
 from pipeline.admin import ensure_topics
+from pipeline.domain.models import EventType, OrderEvent
+from pipeline.domain.orders import Change, Coupon, Order, transition
+from pipeline.edges import db, outbox
 from pipeline.kafka_io import read_topic, record_ends
-from pipeline.models import EventType, OrderEvent
 from pipeline.settings import Settings
-from tables.orders import Change, Coupon, Order, transition
 
 # Fixtures shared with the full-path tests: a database of the test's own, and processes.
 from .test_outbox_sink import (  # noqa: F401
@@ -247,7 +247,7 @@ async def test_shop_paid_cents_holds_what_partial_payments_sum_to(pg_url: str) -
                     updated_ms=1,
                 )
             )
-            # as pipeline/shop.py adds a payment: in SQL, on the stored sum
+            # as pipeline/tools/shop.py adds a payment: in SQL, on the stored sum
             conn.execute(update(t).values(paid_cents=t.c.paid_cents + TOP))
         with e.connect() as conn:
             paid = conn.execute(select(t.c.paid_cents)).scalar_one()

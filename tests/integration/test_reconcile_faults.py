@@ -2,7 +2,7 @@
 and so is a bug planted in a worker's own operator.
 
 The outputs of the fault tests come from the in-process reference run
-(:mod:`pipeline.reference`), which applies the agents' pure operators; ``reconcile``
+(:mod:`pipeline.tools.reference`), which applies the agents' pure operators; ``reconcile``
 shares none of their code, so it judges them instead of replaying them.
 """
 
@@ -19,9 +19,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from pipeline.reconcile import Report, TopicCheck, reconcile
-from pipeline.reference import write_reference
 from pipeline.settings import Settings
+from pipeline.tools.reconcile import Report, TopicCheck, reconcile
+from pipeline.tools.reference import write_reference
 
 from .harness import Worker, feed, wait_drained
 
@@ -148,12 +148,12 @@ async def test_a_bug_planted_in_a_worker_operator_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker whose state machine skips a version on OrderShipped (the test-only
-    ``PIPELINE_PLANT_BUG=version-skip`` of ``tables/orders.py``), and a reconcile in a
+    ``PIPELINE_PLANT_BUG=version-skip`` of ``pipeline/domain/orders.py``), and a reconcile in a
     process that carries the same switch: a checker that replays the workers' operator
     agrees with the bug; ours must not.
 
     The reconcile runs as a fresh ``python -m pipeline reconcile`` because the switch is
-    read when ``tables.orders`` is imported: in this test process it was imported at
+    read when ``pipeline.domain.orders`` is imported: in this test process it was imported at
     collection, without it.
     """
     monkeypatch.setenv("PIPELINE_PLANT_BUG", "version-skip")

@@ -17,9 +17,9 @@ from faust.types import TP
 
 from pipeline.admin import ensure_topics
 from pipeline.eos import Coordinator, PartitionState
+from pipeline.eos.faust.store import TransactionalStore
 from pipeline.factory import create_app
 from pipeline.settings import Settings
-from tables.store import TransactionalStore
 
 
 def _event(tp: TP, offset: int, key: bytes, value: bytes | None) -> Any:

@@ -27,11 +27,11 @@ import pytest
 from rocksdict import AccessType, Rdict
 
 from pipeline.eos import EXIT_COMMIT_FAILED, EXIT_INJECTED, Step
-from pipeline.generate import Record, generate
 from pipeline.kafka_io import committed_offsets, produce, read_topic
-from pipeline.procs import drained
-from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
+from pipeline.tools.generate import Record, generate
+from pipeline.tools.procs import drained
+from pipeline.tools.reconcile import reconcile
 
 from .harness import Worker, feed, progress, wait_drained
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import pytest
 
 from pipeline.eos import EXIT_COMMIT_FAILED, Step
-from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
+from pipeline.tools.reconcile import reconcile
 
 from .harness import Worker, feed, wait_drained
 

@@ -58,7 +58,7 @@ def test_prometheus_config_is_valid() -> None:
 
 
 def _exported(tmp_path: Path) -> set[str]:
-    from pipeline.reconcile import Report, write_metrics
+    from pipeline.tools.reconcile import Report, write_metrics
 
     exported = set()
     for line in render(registry_for(_app())).decode().splitlines():  # type: ignore[arg-type]

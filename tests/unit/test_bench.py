@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline.bench_raw import Counts, handle
-from pipeline.bench_stats import Run, percentile, ratios, render_table, spread, summarize
-from pipeline.generate import generate
+from pipeline.tools.bench_raw import Counts, handle
+from pipeline.tools.bench_stats import Run, percentile, ratios, render_table, spread, summarize
+from pipeline.tools.generate import generate
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -76,7 +76,7 @@ def test_raw_loop_counts_in_equal_counts_out() -> None:
 
 
 def test_outbox_table_reports_median_min_max() -> None:
-    from pipeline.bench import render_outbox
+    from pipeline.tools.bench import render_outbox
 
     runs = [
         {"rows": 1000, "relay_rows_per_s": 900.0, "sink_records_per_s": 2000.0},
@@ -90,7 +90,7 @@ def test_outbox_table_reports_median_min_max() -> None:
 
 
 def test_profile_breakdown_attributes_each_sample_once() -> None:
-    from pipeline.bench_profile import breakdown
+    from pipeline.tools.bench_profile import breakdown
 
     raw = "\n".join(
         [
@@ -127,7 +127,7 @@ def test_the_quix_peer_imports_without_faust() -> None:
         "        if name.split('.')[0] in ('faust', 'mode', 'aiokafka'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import pipeline.bench_quix\n"
+        "import pipeline.tools.bench_quix\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60
@@ -136,7 +136,7 @@ def test_the_quix_peer_imports_without_faust() -> None:
 
 
 def test_only_selects_systems_by_key() -> None:
-    from pipeline.bench import DEDUP, QUIX, selected
+    from pipeline.tools.bench import DEDUP, QUIX, selected
 
     assert selected(None) is None
     assert selected("dedup-eos, quix") == {DEDUP.format("exactly_once"), QUIX}

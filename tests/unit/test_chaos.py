@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.chaos import (
+from pipeline.settings import Settings
+from pipeline.tools.chaos import (
     BROKER,
     KILL,
     KILL_REBALANCING,
@@ -23,7 +24,6 @@ from pipeline.chaos import (
     plan_from,
     schedule,
 )
-from pipeline.settings import Settings
 
 PLAN = Plan(
     seed=42,
@@ -121,7 +121,7 @@ def test_plan_without_seed_draws_one_and_prints_it() -> None:
 def test_replay_command_reproduces_the_plan() -> None:
     import shlex
 
-    from pipeline.chaos import add_parser
+    from pipeline.tools.chaos import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
@@ -132,7 +132,7 @@ def test_replay_command_reproduces_the_plan() -> None:
 def test_a_broker_that_does_not_come_back_ends_the_run_without_a_verdict(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline import chaos
+    from pipeline.tools import chaos
 
     async def broker_gone(*args: object, **kwargs: object) -> None:
         raise BrokerDidNotReturn("the broker did not come back after kill -9 within 300 s")

@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.codecs import (
+from pipeline.domain.codecs import (
     DLQ_KEY_MAX_BYTES,
     DLQ_MAX_BYTES,
     REASON_MAX_BYTES,

@@ -12,7 +12,7 @@ import pytest
 from psycopg import errors as pg
 from sqlalchemy import create_engine, exc, insert, text
 
-from pipeline import db
+from pipeline.edges import db
 
 
 def wrapped(orig: BaseException) -> BaseException:

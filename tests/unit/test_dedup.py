@@ -1,4 +1,4 @@
-"""tables.dedup: the dedup decision, expiry, the state codec and the DedupWindow model."""
+"""pipeline.domain.dedup: the dedup decision, expiry, the state codec and the DedupWindow model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from tables.dedup import (
+from pipeline.domain.dedup import (
     DedupWindow,
     Verdict,
     decide,

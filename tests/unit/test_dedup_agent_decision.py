@@ -1,4 +1,5 @@
-"""agents.dedup.decide_record (the agent's per-record decision) and pipeline.codecs.dlq_value."""
+"""pipeline.domain.dedup.decide_record (validation and dedup in one step) and
+pipeline.domain.codecs.dlq_value."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from agents.dedup import DeadLetter, Drop, Forward, decide_record
-from pipeline.codecs import dlq_value
-from tables.dedup import encode_seen
+from pipeline.domain.codecs import dlq_value
+from pipeline.domain.dedup import DeadLetter, Drop, Forward, decide_record, encode_seen
 
 WINDOW = 10_000
 WHERE = ("orders.raw", 3, 12345)

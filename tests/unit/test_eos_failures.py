@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from faust.types import TP
 
-from pipeline import eos
 from pipeline.eos import MAX_ATTEMPTS, CheckUnknown, Coordinator, PartitionState
+from pipeline.eos import coordinator as eos
 from pipeline.settings import Settings
 from tests.unit.test_eos_admission import TP0, Log, Stream, ev, finished, make, until
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from faust.types import TP
 
-from pipeline import eos
 from pipeline.eos import ExactlyOnceTransactionManager
+from pipeline.eos.faust import transactions as eos
 
 
 class Fatal(Exception):

@@ -1,4 +1,4 @@
-"""pipeline.generate.generate: deterministic traffic with the requested dup and bad mix."""
+"""pipeline.tools.generate.generate: deterministic traffic with the requested dup and bad mix."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections import Counter
 import orjson
 import pytest
 
-from pipeline.generate import BAD_KINDS, Record, generate
-from pipeline.models import BadInput, EventType, OrderEvent, parse_event
+from pipeline.domain.models import BadInput, EventType, OrderEvent, parse_event
+from pipeline.tools.generate import BAD_KINDS, Record, generate
 
 N = 20_000
 

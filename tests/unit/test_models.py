@@ -1,4 +1,5 @@
-"""pipeline.models.parse_event: valid events parse, every bad input is a BadInput, never raises."""
+"""pipeline.domain.models.parse_event: valid events parse, every bad input is a BadInput,
+never raises."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from pipeline.models import (
+from pipeline.domain.models import (
     MAX_AMOUNT,
     MAX_ID_CHARS,
     MAX_TS_MS,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.models import EventType, OrderEvent
-from tables.orders import (
+from pipeline.domain.models import EventType, OrderEvent
+from pipeline.domain.orders import (
     Balance,
     BalanceDelta,
     Change,

@@ -38,11 +38,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from pipeline import db, outbox, shop
-from pipeline.models import OrderEvent, parse_event
-from pipeline.outbox import BUCKETS, Claims, Row, bucket_of, invalid_reason, published_prefix
+from pipeline.domain.models import OrderEvent, parse_event
+from pipeline.domain.orders import Order, Rejected, transition
+from pipeline.edges import db, outbox
+from pipeline.edges.outbox import BUCKETS, Claims, Row, bucket_of, invalid_reason, published_prefix
 from pipeline.settings import Settings
-from tables.orders import Order, Rejected, transition
+from pipeline.tools import shop
 
 RAW = "orders.raw"
 #: zlib.crc32 of b"o0".."o3" modulo 64, computed once

@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.kafka_io import Msg
-from pipeline.reconcile import Reconciler, TopicCheck, dedup_faults
 from pipeline.settings import Settings
+from pipeline.tools.reconcile import Reconciler, TopicCheck, dedup_faults
 
 W = 1000
 

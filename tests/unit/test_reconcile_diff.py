@@ -3,7 +3,7 @@ fault, and tell them apart."""
 
 from __future__ import annotations
 
-from pipeline.reconcile import Item, Sequences, TopicCheck, _same
+from pipeline.tools.reconcile import Item, Sequences, TopicCheck, _same
 
 WANT = {"o1": [("e0", b"a"), ("e1", b"b"), ("e2", b"c")], "o2": [("e0", b"x")]}
 

@@ -1,4 +1,4 @@
-"""``reconcile``'s own check of a dead letter (:func:`pipeline.reconcile.dlq_problems`):
+"""``reconcile``'s own check of a dead letter (:func:`pipeline.tools.reconcile.dlq_problems`):
 the contract's bound and cutting rule, against letters the workers' codec writes (used
 here, in the test only) and against letters broken on purpose."""
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.codecs import DLQ_MAX_BYTES, dlq_key, dlq_value
-from pipeline.reconcile import dlq_problems
+from pipeline.domain.codecs import DLQ_MAX_BYTES, dlq_key, dlq_value
+from pipeline.tools.reconcile import dlq_problems
 
 WHERE = ("orders.raw", 3, 17)
 

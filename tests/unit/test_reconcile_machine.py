@@ -1,7 +1,7 @@
 """``reconcile``'s own state machine and output checks, on synthetic topics.
 
 The contract's rules one by one, then a cross-check on random event sequences: what
-the workers' operators write (``agents.orders.decide_order`` and ``decide_balance``,
+the workers' operators write (``pipeline.agents.orders.decide_order`` and ``decide_balance``,
 imported here, in the test only) must pass, and any change to one of their records
 must not.
 """
@@ -17,11 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.orders import Send, decide_balance, decide_order
+from pipeline.domain.orders import Send, coupon_id, decide_balance, decide_order
 from pipeline.kafka_io import Msg
-from pipeline.reconcile import Reconciler, Report, coupon_id_of
 from pipeline.settings import Settings
-from tables.orders import coupon_id
+from pipeline.tools.reconcile import Reconciler, Report, coupon_id_of
 
 S = Settings()
 

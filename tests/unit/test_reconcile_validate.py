@@ -1,7 +1,7 @@
-"""``reconcile``'s own reading of the input rules (:func:`pipeline.reconcile.validate`):
+"""``reconcile``'s own reading of the input rules (:func:`pipeline.tools.reconcile.validate`):
 every rule of the contract, and agreement with the workers' validator on random input.
 
-The cross-check imports ``pipeline.models.parse_event`` here, in the test only: the
+The cross-check imports ``pipeline.domain.models.parse_event`` here, in the test only: the
 checker itself must not share it.
 """
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.models import MAX_VALUE_BYTES, OrderEvent, parse_event
-from pipeline.reconcile import Event, validate
+from pipeline.domain.models import MAX_VALUE_BYTES, OrderEvent, parse_event
+from pipeline.tools.reconcile import Event, validate
 
 OK: dict[str, Any] = {
     "event_id": "e-1",

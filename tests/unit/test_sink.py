@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline import db
-from pipeline.sink import (
+from pipeline.domain.orders import coupon_id
+from pipeline.edges import db
+from pipeline.edges.sink import (
     BadRec,
     ChangeRec,
     Conflict,
@@ -28,7 +29,6 @@ from pipeline.sink import (
     read_stored,
     write_plan,
 )
-from tables.orders import coupon_id
 
 CH, CP = "orders.changes", "coupons.issued"
 
@@ -440,7 +440,7 @@ def test_driver_refusals_are_isolated_without_the_plan_check(
 ) -> None:
     """The database path on its own: with the plan's check off, sqlite3's OverflowError
     and an unencodable string are content errors of their record only."""
-    monkeypatch.setattr("pipeline.sink.unstorable", lambda rec: None)
+    monkeypatch.setattr("pipeline.edges.sink.unstorable", lambda rec: None)
     batch: list[Rec] = [
         change("a", 1, 0),
         ChangeRec(CH, 0, 1, "b-e1", "b", "NEW", "CREATED", 1, 2**63),

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from faust.types import TP
 
+from pipeline.eos.faust.store import TransactionalStore
 from pipeline.factory import create_app
 from pipeline.settings import Settings
-from tables.store import TransactionalStore
 
 LOG = "t-store-dedup-changelog"
 

@@ -1,1 +1,0 @@
-"""Faust agents: thin loops that call the pure operators, write tables and send."""

@@ -1,0 +1,936 @@
+"""The coordinator of one app's exactly-once processing: the partition registry, the
+admission of delivered records (in order, once, from the committed offset), restore
+and settling after a rebalance, liveness, and an event's failure handling.
+
+Shared by the agents (:meth:`Coordinator.run`), the tables and the transaction manager
+(:mod:`pipeline.eos.faust.transactions`), which reaches it as ``app.eos``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import TopicPartition
+from faust.types import TP
+from prometheus_client import Histogram
+
+from pipeline.domain.models import excerpt
+from pipeline.eos.delivery import CheckUnknown, FetchLedger, KnownRecords, PinnedReadOffsets
+from pipeline.eos.faults import Faults
+from pipeline.eos.partition import PartitionState, progress_key
+from pipeline.eos.policy import CHECK_TIMEOUT_S, MAX_ATTEMPTS, Policy, fatal
+from pipeline.kafka_io import last_record_end
+
+if TYPE_CHECKING:
+    from faust.types import StreamT
+
+    from pipeline.eos.faust.store import TransactionalStore
+    from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Shared by agents, tables and the transaction manager of one app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        #: the guarantee and the fixes, decided once (see pipeline.eos.policy)
+        self.policy = Policy.from_settings(settings)
+        self.enabled = self.policy.exactly_once
+        self.partitions: dict[TP, PartitionState] = {}
+        self.sources: set[str] = set()
+        self.stores: dict[str, list[TransactionalStore]] = {}
+        self.commits = 0
+        self.skipped = 0
+        self.settled = False
+        self.unsettled_count = 0
+        self.assign_epoch = 0
+        self.reseeks = 0
+        #: set by the consumer: seek through Faust's consumer thread, and its read offsets
+        self.seek_wait: Callable[[Mapping[TP, int]], Awaitable[None]] | None = None
+        self.read_offsets: dict[TP, int | None] | None = None
+        self.resume: Callable[[set[TP]], None] | None = None
+        self.unstalls = 0
+        self._liveness_task: asyncio.Future[None] | None = None
+        self._checker: Any = None
+        self._checker_lock = asyncio.Lock()
+        #: per partition, the committed-record offsets of the last range read
+        self._known: dict[TP, KnownRecords] = {}
+        #: what Faust's consumer fetched (see FetchLedger); fed by the consumer thread
+        self.ledger = FetchLedger()
+        self.ledger_answers = 0
+        self.broker_checks = 0
+        self._settling: asyncio.Future[None] | None = None
+        #: changelog topics of transactional stores (see :meth:`restores_changelog`)
+        self._changelog_names: set[str] = set()
+        self._restorer: Any = None
+        self._restore_lock = asyncio.Lock()
+        #: per owned changelog partition, records still to restore (for /metrics)
+        self.restore_remaining: dict[TP, int] = {}
+        self.restored_records = 0
+        #: called once processing may start after a rebalance (recovery duration metric)
+        self.on_settled: Callable[[], None] | None = None
+        self._offsets_reader: Any = None
+        self._reseek_task: asyncio.Future[None] | None = None
+        self.commit_seconds: list[float] = []
+        #: loop time at which an agent last finished an event (see :meth:`wait_quiet`)
+        self.last_done = 0.0
+        #: set when an event finishes; the commit loop clears it when it has waited for one
+        self.activity = asyncio.Event()
+        #: the event loop's clock, bound once (looked up per event otherwise)
+        self._clock: Callable[[], float] = time.monotonic
+        #: commits started because the agents went quiet, before the interval was up
+        self.quiet_commits = 0
+        # Exported through /metrics (pipeline.metrics); unregistered here, so that two
+        # apps in one process (tests) keep separate histograms.
+        self.commit_histogram = Histogram(
+            "pipeline_commit_duration_seconds",
+            "Duration of a commit round: every owned partition's transaction committed",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=None,
+        )
+        #: transactions this process aborted itself (released with uncommitted work, a
+        #: failed event, or the test-only fail points); a crashed worker's are aborted
+        #: by the broker
+        self.aborts = 0
+        #: events whose processing raised, partitions rewound for them, and events sent
+        #: to the dead-letter topic after MAX_ATTEMPTS failures
+        self.failures = 0
+        self.rewinds = 0
+        self.poison = 0
+        #: offset-gap checks the broker did not answer (the event waited for another)
+        self.unknown_checks = 0
+        #: partitions resumed from the progress topic: the group's offset was gone
+        self.progress_recoveries = 0
+        #: test-only: broker checks failed on purpose so far (``PIPELINE_FAIL_CHECKS``)
+        self.failed_checks = 0
+        #: set by the transaction manager: abort a partition's open transaction and go
+        #: back to its last commit (see ExactlyOnceTransactionManager.rewind)
+        self.rewind: Callable[[TP, PartitionState], Awaitable[None]] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        #: test-only fault points (inert unless a PIPELINE_* fault switch is set)
+        self.faults = Faults(settings, self.partitions, self._count_abort)
+
+    def _count_abort(self) -> None:
+        self.aborts += 1
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def fix(self, name: str) -> bool:
+        return self.policy.on(name)
+
+    def register_source(self, topic: str) -> None:
+        self.sources.add(topic)
+
+    def register_store(self, source_topic: str, store: TransactionalStore) -> None:
+        self.stores.setdefault(source_topic, []).append(store)
+        if store.transactional:
+            self._changelog_names.add(store.changelog_topic_name)
+
+    def state(self, tp: TP) -> PartitionState:
+        st = self.partitions.get(tp)
+        if st is None:
+            st = self.partitions[tp] = PartitionState()
+        return st
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def unsettle(self) -> None:
+        """A rebalance started: positions are about to be re-seeked.
+
+        May be called from Faust's consumer thread: it only flips plain attributes.
+        """
+        self.settled = False
+        self.unsettled_count += 1
+
+    def assigned(self) -> None:
+        """Partitions were assigned: the recovery that follows ends in :meth:`settle`."""
+        self.assign_epoch = self.unsettled_count
+        # Until the restore says which partitions are owned, Faust's standby copies may
+        # write any of them (above the persisted offset: the restore re-reads that).
+        self._disown()
+
+    def _disown(self) -> None:
+        for stores in self.stores.values():
+            for store in stores:
+                store.owned.clear()
+
+    def recovered(self, committed: Mapping[TP, int | None] | None = None) -> None:
+        """The recovery of the current assignment completed; start processing.
+
+        Called by the app at the end of Faust's recovery. Not from ``perform_seek``:
+        Faust also seeks to committed offsets whenever its fetcher runs while flow is
+        stopped, which happens in the middle of a table recovery; settling then let
+        events be processed against a half-restored dedup table (duplicates).
+
+        The committed offsets are asked from the broker (``committed`` is for tests),
+        not taken from Faust's consumer: Faust also writes its own ack-based offsets
+        into that map after every commit call, whether anything was committed or not,
+        including offsets of events we skipped (seen: offsets of skipped events taken
+        as committed, and the records below them never processed).
+        """
+        if self.assign_epoch != self.unsettled_count:
+            log.info("ignoring the end of a superseded recovery")
+            return
+        epoch = self.unsettled_count
+        self._settling = asyncio.ensure_future(self._settle_from(committed, epoch))
+
+    async def _settle_from(self, committed: Mapping[TP, int | None] | None, epoch: int) -> None:
+        try:
+            if not await self.restore(epoch):
+                return  # a rebalance started: its recovery restores again
+        except Exception as exc:
+            # Never process against incomplete state: end the process, restart clean.
+            fatal("could not restore the tables", exc)
+            return
+        try:
+            if committed is None:
+                committed = await self._committed_offsets(list(self.partitions))
+                committed = await self._fill_from_progress(committed)
+        except Exception as exc:
+            # Without them nothing may be processed: end the process, restart clean.
+            fatal("could not read the committed offsets", exc)
+            return
+        await self.settle(committed, epoch=epoch)
+        if self.on_settled is not None and epoch == self.unsettled_count:
+            self.on_settled()
+
+    async def _fill_from_progress(self, committed: Mapping[TP, int | None]) -> dict[TP, int | None]:
+        """Where the group has no committed offset, the last one from the progress
+        topic (written in the same transaction as the offset itself).
+
+        The group's offsets are gone when every worker was down longer than the
+        broker's ``offsets.retention.minutes``: starting again from the earliest
+        offsets would then process every retained event a second time against tables
+        that kept its effects (balances added twice). A partition with no progress
+        record either is new (a fresh deployment, or partitions added to
+        ``orders.raw``) unless its table's changelog holds state: then where processing
+        stopped is unknown, and the worker refuses to guess.
+        """
+        out = dict(committed)
+        missing = [tp for tp, offset in out.items() if offset is None]
+        if not missing:
+            return out
+        found = await self._progress(missing)
+        for tp in missing:
+            offset = found.get(tp)
+            if offset is not None:
+                log.warning(
+                    "%s: the group has no committed offset (expired?); resuming at %d, "
+                    "the last offset the pipeline committed for it",
+                    tp,
+                    offset,
+                )
+                out[tp] = offset
+                self.progress_recoveries += 1
+        orphans = [tp for tp in missing if out[tp] is None and self._has_state(tp)]
+        if orphans:
+            fatal(
+                f"no committed offset and no progress record for {orphans}, whose tables "
+                "hold state: processing them from the start would apply events twice "
+                "(see README, 'Lost consumer group offsets')",
+                RuntimeError("committed offsets missing"),
+            )
+        return out
+
+    async def _progress(self, tps: list[TP]) -> dict[TP, int]:
+        settings = self.settings
+        partitions = {tp.partition % settings.partitions for tp in tps}
+        wanted = {progress_key(tp): tp for tp in tps}
+        reader = await self._reader(auto_offset_reset="earliest")
+        out: dict[TP, int] = {}
+        try:
+            ktps = [TopicPartition(settings.progress_topic, p) for p in sorted(partitions)]
+            reader.assign(ktps)
+            ends = await reader.end_offsets(ktps)
+            await reader.seek_to_beginning(*ktps)
+            pending = {k for k in ktps if ends[k] > 0}
+            while pending:
+                batches = await reader.getmany(*pending, timeout_ms=1000)
+                for records in batches.values():
+                    for m in records:
+                        tp = wanted.get(m.key)
+                        if tp is not None and m.value is not None:
+                            out[tp] = int(m.value)
+                for ktp in list(pending):
+                    if await reader.position(ktp) >= ends[ktp]:
+                        pending.discard(ktp)
+        finally:
+            await reader.stop()
+        return out
+
+    def _has_state(self, tp: TP) -> bool:
+        """Does a table of ``tp``'s stage hold state for it (restored or persisted)?"""
+        for store in self.stores.get(tp.topic, ()):
+            if (
+                store.transactional
+                and store.persisted_offset(TP(store.changelog_topic_name, tp.partition)) is not None
+            ):
+                return True
+        return False
+
+    def owned_changelogs(self) -> dict[TP, TransactionalStore]:
+        """The changelog partitions of the source partitions this worker processes."""
+        out: dict[TP, TransactionalStore] = {}
+        for tp in self.partitions:
+            for store in self.stores.get(tp.topic, ()):
+                if store.transactional:
+                    out[TP(store.changelog_topic_name, tp.partition)] = store
+        return out
+
+    def restores_changelog(self, tp: TP) -> bool:
+        """Is ``tp`` a changelog partition that :meth:`restore` reads, not Faust?"""
+        return tp.topic in self._changelog_names
+
+    async def restore(self, epoch: int) -> bool:
+        """Bring the state of every owned partition up to its changelog's end.
+
+        Each changelog partition is read with a consumer of our own (``read_committed``,
+        no group), from the record after the store's persisted offset to the end, and
+        each fetch is written to RocksDB in one write batch together with the offset of
+        its last record. One consumer, one seek, every record in order: the persisted
+        offset can only ever mean "applied up to here". Faust's recovery is told there
+        is nothing to read for these partitions (``SettlingConsumer.highwaters``): it
+        reads through the shared consumer, where stale fetches and its read-offset
+        filter can skip a range (see ``TransactionalStore.apply_changelog_batch``).
+
+        The end offsets are asked after this worker's ``InitProducerId`` for each
+        source partition (``ExactlyOnceTransactionManager._acquire``), which waited for
+        the previous owner's last transaction to complete or abort: nothing can be
+        appended behind them. Returns ``False`` when a rebalance began meanwhile; what
+        was written stays valid, and that rebalance's restore goes on from it.
+        """
+        owned = self.owned_changelogs()
+        self._disown()
+        for tp, store in owned.items():
+            store.owned.add(tp.partition)
+        if not owned:
+            return True
+        started = time.monotonic()
+        count = 0
+        async with self._restore_lock:
+            consumer = await self._restore_consumer()
+            try:
+                ktps = {TopicPartition(tp.topic, tp.partition): tp for tp in owned}
+                consumer.assign(list(ktps))
+                ends = await consumer.end_offsets(list(ktps))
+                begins = await consumer.beginning_offsets(list(ktps))
+                pending: dict[TopicPartition, int] = {}
+                for ktp, tp in ktps.items():
+                    persisted = owned[tp].persisted_offset(tp)
+                    start = max(int(begins[ktp]), 0 if persisted is None else persisted + 1)
+                    if start < int(ends[ktp]):
+                        consumer.seek(ktp, start)
+                        pending[ktp] = int(ends[ktp])
+                        self.restore_remaining[tp] = int(ends[ktp]) - start
+                while pending:
+                    if epoch != self.unsettled_count:
+                        log.info("a rebalance began while restoring (%d records applied)", count)
+                        return False
+                    batches = await consumer.getmany(*pending, timeout_ms=500, max_records=20_000)
+                    for ktp, records in batches.items():
+                        if records:
+                            tp = ktps[ktp]
+                            rows = [(m.key, m.value) for m in records]
+                            owned[tp].restore(tp.partition, rows, int(records[-1].offset))
+                            count += len(records)
+                    for ktp in list(pending):
+                        left = pending[ktp] - await consumer.position(ktp)
+                        self.restore_remaining[ktps[ktp]] = max(0, left)
+                        if left <= 0:
+                            del pending[ktp]
+            finally:
+                self.restore_remaining = {}
+                consumer.unsubscribe()  # or its fetcher goes on prefetching them
+        self.restored_records += count
+        if count:
+            log.info(
+                "restored %d changelog records of %d partitions in %.2f s",
+                count,
+                len(owned),
+                time.monotonic() - started,
+            )
+        return True
+
+    async def _restore_consumer(self) -> Any:
+        if self._restorer is None:
+            self._restorer = await self._reader(auto_offset_reset="earliest")
+        return self._restorer
+
+    async def _reader(self, **extra: Any) -> Any:
+        """A started ``read_committed`` consumer outside the group (it never subscribes)."""
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            **extra,
+        )
+        await consumer.start()
+        return consumer
+
+    async def _committed_offsets(self, tps: list[TP]) -> dict[TP, int | None]:
+        from aiokafka import AIOKafkaConsumer
+
+        if self._offsets_reader is None:
+            # Has the group id to ask the group coordinator, but never subscribes, so
+            # it never joins the group.
+            self._offsets_reader = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                group_id=self.settings.app_id,
+                enable_auto_commit=False,
+            )
+            await self._offsets_reader.start()
+        out: dict[TP, int | None] = {}
+        for tp in tps:
+            out[tp] = await self._offsets_reader.committed(TopicPartition(tp.topic, tp.partition))
+        return out
+
+    async def settle(self, committed: Mapping[TP, int | None], epoch: int | None = None) -> None:
+        """Set where each partition continues, then let events through.
+
+        A partition without a committed offset starts at the beginning of its log
+        (``auto_offset_reset=earliest``), and is checked from there just the same. If
+        another rebalance started meanwhile (``epoch`` changed), nothing is settled:
+        that rebalance's recovery will.
+        """
+        if epoch is None:
+            epoch = self.unsettled_count
+        fresh = [tp for tp in self.partitions if committed.get(tp) is None]
+        beginnings = await self.beginnings(fresh) if fresh else {}
+        if epoch != self.unsettled_count:
+            log.info("a rebalance started while settling; not settled")
+            return
+        for tp, st in self.partitions.items():
+            start = committed.get(tp)
+            if st.committed is not None and (start is None or st.committed > start):
+                # A partition this worker kept: its last commit returned once the broker
+                # decided it, but the offset becomes visible to OffsetFetch only when the
+                # commit marker has reached __consumer_offsets (aiokafka cannot ask for
+                # stable offsets, KIP-447). Our own record of it is exact.
+                log.info(
+                    "%s: committed offset %s not visible yet; using ours, %d",
+                    tp,
+                    start,
+                    st.committed,
+                )
+                start = st.committed
+            st.expected = start if start is not None else beginnings.get(tp)
+            st.start = st.expected
+            st.hole = None
+        if isinstance(self.read_offsets, PinnedReadOffsets):
+            for tp in list(self.partitions):
+                self.read_offsets.unpin(tp)
+        self._known = {tp: k for tp, k in self._known.items() if tp in self.partitions}
+        now = asyncio.get_running_loop().time()
+        for st in self.partitions.values():
+            st.last_delivery = st.last_progress = now
+            st.stalled_since = None
+        if self._liveness_task is None or self._liveness_task.done():
+            self._liveness_task = asyncio.ensure_future(self._liveness())
+        self.settled = True
+        # Records delivered before this point were skipped (see _epoch): fetch every
+        # partition again from where processing continues, rather than wait for a later
+        # delivery to reveal the gap (or for the liveness check, if none comes).
+        targets = {tp: st.expected for tp, st in self.partitions.items() if st.expected is not None}
+        if targets and self.seek_wait is not None:
+            for tp, offset in targets.items():
+                self._keep_read_offset(tp, offset)
+            self._reseek_task = asyncio.ensure_future(self._seek_quietly(targets))
+        log.info(
+            "settled: processing resumes at %s",
+            {f"{tp.topic}[{tp.partition}]": st.expected for tp, st in self.partitions.items()}
+            if len(self.partitions) <= 16
+            else f"{len(self.partitions)} partitions",
+        )
+
+    async def _first_record(self, tp: TP, start: int) -> int | None:
+        """Offset of the first committed record of ``tp`` at or after ``start``.
+
+        Read with a separate ``read_committed`` consumer (kept open, reassigned per
+        question), so the answer does not depend on Faust's delivery. Raises
+        :class:`CheckUnknown` when the broker does not answer in time. Each read covers a
+        whole fetch (up to 1 MiB); which offsets in that range hold committed records is
+        remembered, since it never changes. On a topic written by transactions (every
+        commit leaves a marker in each partition it wrote) most gaps are then answered
+        without a round trip.
+        """
+        if self.settings.fail_checks > self.failed_checks:
+            # Test-only: this check times out (and neither memory answers it).
+            self.failed_checks += 1
+            raise CheckUnknown(f"{tp}: injected timeout of the check from {start}")
+        answer = self.ledger.first_at_or_after(tp, start)
+        if answer is not None:
+            self.ledger_answers += 1
+            return answer
+        known = self._known.get(tp)
+        if known is not None:
+            answer = known.first_at_or_after(start)
+            if answer is not None:
+                return answer
+        self.broker_checks += 1
+        async with self._checker_lock:
+            consumer = await self._checker_consumer()
+            ktp = TopicPartition(tp.topic, tp.partition)
+            consumer.assign([ktp])
+            end = (await consumer.end_offsets([ktp]))[ktp]
+            if start >= end:
+                return None
+            consumer.seek(ktp, start)
+            deadline = asyncio.get_running_loop().time() + CHECK_TIMEOUT_S
+            while await consumer.position(ktp) < end:
+                if asyncio.get_running_loop().time() > deadline:
+                    # Unknown. Not "a record is missing at ``start``": on a topic
+                    # written by transactions ``start`` is often a commit marker, which
+                    # is never delivered, and waiting for it stalled the partition.
+                    raise CheckUnknown(f"{tp}: could not read from {start} in time")
+                batch = await consumer.getmany(ktp, timeout_ms=1000)
+                offsets = [int(m.offset) for m in batch.get(ktp, ())]
+                if offsets:
+                    after = await consumer.position(ktp)
+                    self._known[tp] = KnownRecords(start, max(after, offsets[-1] + 1), offsets)
+                    return offsets[0]
+            return None
+
+    async def record_ends(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """Per partition, the offset after its last committed *record*.
+
+        The last stable offset of a transactional topic usually points just past a
+        commit marker, which no consumer ever receives. Faust's recovery waits for the
+        record at ``highwater - 1`` and only gives up after two 5-second timeouts, on
+        every restart; this is where it should stop instead.
+        """
+        out: dict[TP, int] = {}
+        async with self._checker_lock:
+            consumer = await self._checker_consumer()
+            ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+            if not ktps:
+                return out
+            consumer.assign(ktps)
+            ends = await consumer.end_offsets(ktps)
+            begins = await consumer.beginning_offsets(ktps)
+            for ktp in ktps:
+                end, begin = int(ends[ktp]), int(begins[ktp])
+                out[TP(ktp.topic, ktp.partition)] = await last_record_end(consumer, ktp, begin, end)
+        return out
+
+    async def _seek_quietly(self, targets: Mapping[TP, int]) -> None:
+        if self.seek_wait is None:
+            return
+        try:
+            await asyncio.wait_for(self.seek_wait(targets), 10.0)
+        except Exception as exc:  # revoked meanwhile: the next settle seeks again
+            log.info("seek after settling failed: %r", exc)
+
+    async def _liveness(self) -> None:
+        """Notice stalled partitions, and un-stall those Faust stopped delivering.
+
+        Every 2 s, a partition with nothing processed for 3 s is asked whether committed
+        records wait after its next expected offset. If they do (or the broker cannot
+        tell), it counts as stalled from then on: ``pipeline_partition_stalled_seconds``
+        rises and the ``PipelinePartitionStalled`` alert fires, however the stall came
+        about. If in addition nothing was even delivered for 3 s, it is resumed and
+        seeked to the record (seen after restarts: a partition stays paused, or its
+        re-fetched records are filtered out, although the log has records after our
+        next expected offset).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(2.0)
+            if self.settled and self.seek_wait is not None:
+                await self.check_partitions(loop.time)
+
+    async def check_partitions(self, clock: Callable[[], float]) -> None:
+        """One round of :meth:`_liveness` over every partition (``clock``: loop time)."""
+        for tp, st in list(self.partitions.items()):
+            now = clock()
+            if tp.topic not in self.sources or st.expected is None:
+                continue
+            if now - st.last_progress < 3.0:
+                st.stalled_since = None
+                continue
+            try:
+                first = await self._first_record(tp, st.expected)
+            except Exception as exc:  # unknown: records may be waiting
+                log.warning("liveness check of %s: %s", tp, exc)
+                if st.stalled_since is None:
+                    st.stalled_since = now
+                continue
+            if first is None:  # nothing to do: idle, not stalled
+                st.stalled_since = None
+                continue
+            if st.stalled_since is None:
+                st.stalled_since = now
+            if now - st.last_delivery < 3.0 or st.hole is not None or st.rewinding:
+                continue  # deliveries come: admission (or a rewind) is at work
+            if not self.settled:
+                continue
+            self.unstalls += 1
+            log.warning(
+                "%s: no delivery for %.0f s with record %d waiting; resuming and seeking to %d",
+                tp,
+                now - st.last_delivery,
+                first,
+                first,
+            )
+            st.last_delivery = now
+            self._keep_read_offset(tp, first)
+            if self.resume is not None:
+                self.resume({tp})
+            if self.seek_wait is None:
+                continue
+            try:
+                await asyncio.wait_for(self.seek_wait({tp: first}), 10.0)
+            except Exception as exc:
+                log.warning("seek of %s failed: %r", tp, exc)
+
+    def stalled_seconds(self) -> float:
+        """The longest time a partition of this worker has had records waiting while
+        none was processed (0: none stalled)."""
+        now = time.monotonic()  # asyncio's loop time is time.monotonic()
+        times = [now - st.stalled_since for st in self.partitions.values() if st.stalled_since]
+        return max(times, default=0.0)
+
+    async def _checker_consumer(self) -> Any:
+        if self._checker is None:
+            self._checker = await self._reader(max_partition_fetch_bytes=1024 * 1024)
+        return self._checker
+
+    async def beginnings(self, tps: list[TP]) -> dict[TP, int]:
+        async with self._checker_lock:
+            consumer = await self._checker_consumer()
+            ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+            begins = await consumer.beginning_offsets(ktps)
+        return {TP(k.topic, k.partition): int(v) for k, v in begins.items()}
+
+    async def close(self) -> None:
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
+        if self._checker is not None:
+            await self._checker.stop()
+            self._checker = None
+        if self._offsets_reader is not None:
+            await self._offsets_reader.stop()
+            self._offsets_reader = None
+        if self._restorer is not None:
+            await self._restorer.stop()
+            self._restorer = None
+
+    def _epoch(self) -> int | None:
+        """The assignment epoch to process in; ``None`` (skip the event) if unsettled.
+
+        An event delivered before the recovery of the current assignment ended is not
+        held back but skipped: holding it would keep it unacknowledged, and Faust's
+        revoke handler waits for every delivered event to be acknowledged before the
+        rebalance can go on (a deadlock, seen with three agents). A skipped record is not
+        lost: once settled, the first delivery above the committed offset shows the gap
+        and :meth:`_admit` seeks back to it.
+        """
+        return self.unsettled_count if self.settled else None
+
+    def _current(self, tp: TP, st: PartitionState, epoch: int) -> bool:
+        """Still the same assignment as when the event was admitted?"""
+        return self.settled and self.unsettled_count == epoch and self.partitions.get(tp) is st
+
+    async def _admit(self, event: Any, st: PartitionState, epoch: int) -> bool:
+        """Whether ``event`` is to be processed; called with the partition's gate held.
+
+        Faust does not guarantee that an agent sees each record of a partition once and
+        in order around rebalances: it hands over records while tables are still being
+        recovered and before it seeks to the committed offsets, and batches fetched
+        before that seek are still delivered after it, while its read-offset filter then
+        drops the records the seek fetched again. Processing must instead continue from
+        the committed offset, record by record:
+
+        * before the recovery ends, an event is skipped (see :meth:`_epoch`);
+        * an event below the next expected offset is a stale copy: skipped;
+        * an event above it is accepted only if no committed record lies in between
+          (transaction markers and aborted records take offsets too); otherwise the
+          record in between was dropped, so we seek back to it and skip until it comes;
+          when the broker cannot say (:class:`CheckUnknown`), the event is skipped too
+          and the partition fetched again from the expected offset, to ask again;
+        * while a failed event's partition is being rewound, every event is skipped.
+
+        The caller holds the gate, so a commit cannot slip in between this decision and
+        the processing; since the checks below may wait on the broker, the assignment is
+        checked again at the end.
+        """
+        message = event.message
+        tp = message.tp
+        st.last_delivery = self._clock()
+        if st.rewinding:
+            self.skipped += 1
+            return False
+        offset = message.offset
+        expected = st.expected
+        if expected is not None and offset != expected:
+            if offset < expected:
+                self.skipped += 1
+                return False
+            if st.hole is None:
+                try:
+                    first = await self._first_record(tp, expected)
+                except Exception as exc:
+                    # Never process past a record that may be missing, and never assume
+                    # one at ``expected`` either (often a marker, never delivered):
+                    # fetch from ``expected`` again, and ask again at that delivery.
+                    self.skipped += 1
+                    self.unknown_checks += 1
+                    log.warning("%s: %s; fetching again from %d", tp, exc, expected)
+                    self._keep_read_offset(tp, expected)
+                    self._spawn(self._seek_quietly({tp: expected}))
+                    return False
+                if first is not None and first < offset:
+                    st.hole = first
+            if st.hole is not None:
+                if offset < st.hole:  # pragma: no cover - below the hole: stale
+                    self.skipped += 1
+                    return False
+                if offset > st.hole:
+                    self.skipped += 1
+                    await self._reseek(tp, st, st.hole)
+                    return False
+        if not self._current(tp, st, epoch):
+            self.skipped += 1
+            return False
+        if st.hole is not None or offset == expected:
+            read = self.read_offsets
+            if isinstance(read, PinnedReadOffsets):
+                read.unpin(tp)  # the record we seeked back for has come
+        st.hole = None
+        st.expected = offset + 1
+        return True
+
+    def _keep_read_offset(self, tp: TP, offset: int) -> None:
+        # Faust's fetch loop drops records below its last delivered offset; stale
+        # deliveries ahead of the seek position would otherwise hide the record.
+        read = self.read_offsets
+        if isinstance(read, PinnedReadOffsets):
+            read.pin(tp, offset)
+        elif read is not None and (read.get(tp) or 0) > offset:
+            read[tp] = offset
+
+    async def _reseek(self, tp: TP, st: PartitionState, offset: int) -> None:
+        self._keep_read_offset(tp, offset)
+        if st.watch is None or st.watch.done():
+            st.watch = asyncio.ensure_future(self._watch_hole(tp, st))
+
+    async def _watch_hole(self, tp: TP, st: PartitionState) -> None:
+        """Seek back to the missing record, once a second, until it is delivered."""
+        while st.hole is not None and self.seek_wait is not None:
+            if not self.settled:
+                return  # a rebalance started; the next settle starts over
+            hole = st.hole
+            self.reseeks += 1
+            log.warning("%s: record %d was not delivered; seeking back to it", tp, hole)
+            self._keep_read_offset(tp, hole)
+            try:
+                await asyncio.wait_for(self.seek_wait({tp: hole}), 10.0)
+            except Exception as exc:  # revoked meanwhile, or the consumer is busy
+                log.warning("seek of %s failed: %r", tp, exc)
+            await asyncio.sleep(1.0)
+        read = self.read_offsets
+        if isinstance(read, PinnedReadOffsets):
+            read.unpin(tp)
+
+    async def each(self, stream: StreamT) -> AsyncIterator[Any]:
+        """Iterate a Faust stream so that commits see only whole events, in order.
+
+        The gate of the event's source partition is held while the agent body runs for
+        the event, and the event counts as processed once the body asks for the next one.
+        """
+        if not self.enabled:
+            # at_least_once: Faust's own acking and commits apply.
+            async for value in stream:
+                yield value
+            return
+        quiesce = self.fix("quiesce")
+        now = self._clock = asyncio.get_running_loop().time
+        activity = self.activity
+        async for value in stream:
+            event = stream.current_event
+            assert event is not None
+            epoch = self._epoch()
+            tp = event.message.tp
+            st = self.partitions.get(tp)
+            if epoch is None or st is None:
+                # A rebalance replaced the assignment, or ``tp`` is not (or no longer)
+                # ours: a stale delivery that its current owner processes.
+                self.skipped += 1
+                continue
+            if not quiesce:
+                if await self._admit(event, st, epoch):
+                    yield value
+                    if not st.rewinding:
+                        st.processed = event.message.offset
+                        st.events += 1
+                        st.last_progress = self.last_done = now()
+                    activity.set()
+                continue
+            async with st.gate:
+                if not await self._admit(event, st, epoch):
+                    continue
+                yield value
+                # A failed event (see run) is not processed: its partition goes back.
+                if not st.rewinding:
+                    st.processed = event.message.offset
+                    st.events += 1
+                    st.last_progress = self.last_done = now()
+            activity.set()
+
+    async def run(
+        self,
+        stream: StreamT,
+        handle: Callable[[Any, Any], Awaitable[None]],
+        dead_letter: Callable[[Any, Any, str], Awaitable[None]],
+    ) -> None:
+        """The agents' loop: ``handle(value, message)`` for every event, exactly once.
+
+        An exception from ``handle`` (the operator, a codec, a table, a send) must not
+        let a commit move the partition's offset past the event while some of its
+        effects are in the open transaction: :meth:`fail` marks the partition, which is
+        then neither processed nor committed until the transaction manager has aborted
+        its open transaction and gone back to its last commit; everything since is
+        processed again. An event that fails :data:`MAX_ATTEMPTS` times is handed to
+        ``dead_letter(value, message, reason)`` instead (in its transaction, like any
+        output), so a poison record neither loops forever nor stalls its partition.
+
+        In at_least_once mode an event is tried :data:`MAX_ATTEMPTS` times in place
+        (its partial effects may repeat, as at-least-once allows), then dead-lettered.
+        """
+        if not self.enabled:
+            async for value in stream:
+                event = stream.current_event
+                assert event is not None
+                await self._at_least_once(value, event.message, handle, dead_letter)
+            return
+        partitions = self.partitions
+        planted = self.faults.planted_failure()
+        async for value in self.each(stream):
+            event = stream.current_event
+            assert event is not None
+            message = event.message
+            st = partitions[message.tp]  # admitted, so ours
+            failed = st.failures.get(message.offset) if st.failures else None
+            try:
+                if failed is not None and failed[0] >= MAX_ATTEMPTS:
+                    reason = f"processing failed {failed[0]} times; last error: {failed[1]}"
+                    await dead_letter(value, message, reason)
+                    self.poison += 1
+                    log.error(
+                        "%s: the record at offset %d failed %d times; sent to the "
+                        "dead-letter topic",
+                        message.tp,
+                        message.offset,
+                        failed[0],
+                    )
+                else:
+                    await handle(value, message)
+                    if planted is not None:
+                        planted(message.topic, value)
+            except Exception as exc:
+                self.fail(message.tp, st, message.offset, exc)
+
+    def fail(self, tp: TP, st: PartitionState, offset: int, exc: BaseException) -> None:
+        """Processing the event at ``offset`` of ``tp`` raised ``exc``: go back.
+
+        Called with the partition's gate held, so no commit snapshot can take the
+        event's partial effects (a commit waiting for the gate sees ``rewinding``).
+        """
+        # A record the broker refused fails its send's future, and every later send of
+        # that producer may then raise the same error: blame the event whose record was
+        # refused, not the one that happened to send next.
+        sends = [
+            *zip(st.pending, st.pending_from, strict=True),
+            *zip(*st.draining, strict=True),
+        ]
+        refused = [
+            (o, f.exception())
+            for f, o in sends
+            if o is not None and f.done() and not f.cancelled() and f.exception() is not None
+        ]
+        if refused:
+            offset, first = min(refused, key=lambda r: r[0])
+            exc = first if first is not None else exc
+        attempts = st.failures[offset][0] + 1 if offset in st.failures else 1
+        error = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
+        st.failures[offset] = (attempts, error)
+        self.failures += 1
+        if attempts > MAX_ATTEMPTS + 1:
+            # Even sending it to the dead-letter topic failed twice.
+            fatal(f"{tp}: could not dead-letter the record at offset {offset}", exc)
+        log.error(
+            "%s: processing the record at offset %d failed (attempt %d of %d): %s; "
+            "aborting the partition's open transaction, processing again from its last commit",
+            tp,
+            offset,
+            attempts,
+            MAX_ATTEMPTS,
+            error,
+        )
+        st.rewinding = True
+        if self.rewind is not None:
+            self._spawn(self.rewind(tp, st))
+
+    async def _at_least_once(
+        self,
+        value: Any,
+        message: Any,
+        handle: Callable[[Any, Any], Awaitable[None]],
+        dead_letter: Callable[[Any, Any, str], Awaitable[None]],
+    ) -> None:
+        error = ""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                await handle(value, message)
+                return
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
+                self.failures += 1
+                log.error(
+                    "%s: the record at offset %d failed (attempt %d of %d): %s",
+                    message.tp,
+                    message.offset,
+                    attempt,
+                    MAX_ATTEMPTS,
+                    error,
+                )
+        self.poison += 1
+        reason = f"processing failed {MAX_ATTEMPTS} times; last error: {error}"
+        await dead_letter(value, message, reason)
+
+    async def wait_quiet(self, quiet_s: float, deadline: float) -> bool:
+        """Wait until the agents finished an event and then got nothing new for
+        ``quiet_s``, or until ``deadline`` (loop time). True if they went quiet.
+
+        Under a backlog the agents are never quiet and commits keep to the interval; at a
+        trickle, an event's transaction commits a few milliseconds after it was processed
+        instead of waiting out the rest of the interval, once per hop.
+        """
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        if not self.activity.is_set():
+            try:
+                await asyncio.wait_for(self.activity.wait(), remaining)
+            except TimeoutError:
+                return False
+        self.activity.clear()
+        while True:
+            now = loop.time()
+            quiet_for = now - self.last_done
+            if quiet_for >= quiet_s:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(quiet_s - quiet_for, deadline - now))

@@ -1,0 +1,29 @@
+"""The app side of the adapter: a ``faust.App`` whose transport builds our consumer and
+transaction manager when the policy says exactly-once."""
+
+from __future__ import annotations
+
+import faust
+from faust.types import TransportT
+
+from pipeline.eos.coordinator import Coordinator
+from pipeline.eos.faust.consumer import SettlingConsumer
+from pipeline.eos.faust.transactions import ExactlyOnceTransactionManager
+
+
+class EngineApp(faust.App):
+    """``faust.App`` with the exactly-once engine; ``eos`` is set before the worker
+    starts (:func:`pipeline.factory.create_app`)."""
+
+    eos: Coordinator
+
+    def _new_transport(self) -> TransportT:
+        # Overrides a private factory method: the only hook where the transport's
+        # classes can be chosen per app.
+        transport = super()._new_transport()
+        if self.eos.policy.exactly_once:
+            # The transport builds the consumer's transaction manager from this class
+            # attribute; an instance attribute keeps other apps in the process stock.
+            transport.TransactionManager = ExactlyOnceTransactionManager  # type: ignore[misc]
+            transport.Consumer = SettlingConsumer  # type: ignore[misc]
+        return transport

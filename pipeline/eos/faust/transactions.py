@@ -1,0 +1,432 @@
+"""Faust's transaction manager, replaced: one transaction per *source* partition.
+
+Faust builds it from ``transport.TransactionManager`` (set in
+:meth:`pipeline.factory.PipelineApp._new_transport`). It holds the transactional
+producers, routes every send made while processing an event into that event's source
+partition's transaction, and runs the commit rounds (:mod:`pipeline.eos.commit`).
+
+What it changes in Faust's meaning: ``commit`` ignores its arguments (it commits what
+the coordinator recorded as processed, for every partition with progress), and ``send``
+routes by source partition rather than by destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable, Mapping
+from typing import Any
+
+from aiokafka import TopicPartition
+from faust import current_event
+from faust.transport.consumer import TransactionManager
+from faust.types import TP
+from faust.types.tuples import RecordMetadata
+
+from pipeline.eos.commit import Partition, Transaction, commit_partition, produce, send_held
+from pipeline.eos.coordinator import Coordinator
+from pipeline.eos.faust.producer import TransactionalProducer
+from pipeline.eos.partition import OutRecord, PartitionState, as_headers, fail_held, retrieve
+from pipeline.eos.policy import (
+    MAX_REWINDS_WITHOUT_COMMIT,
+    PRODUCER_START_S,
+    Step,
+    fatal,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ExactlyOnceTransactionManager(TransactionManager):
+    """Faust's transaction manager, replaced (see the module docstring)."""
+
+    coordinator: Coordinator
+
+    def __init__(self, transport: Any, *, consumer: Any, producer: Any, **kwargs: Any) -> None:
+        super().__init__(transport, consumer=consumer, producer=producer, **kwargs)
+        self.coordinator = self.app.eos  # type: ignore[attr-defined]
+        self.coordinator.rewind = self.rewind
+        self._producers: dict[str, TransactionalProducer] = {}
+        #: source partitions this worker holds a transactional producer for
+        self._held: set[TP] = set()
+        self._commit_lock = asyncio.Lock()
+        self._commit_timer: asyncio.Future[None] | None = None
+        self._tids: dict[TP, str] = {}
+        self._parts: dict[TP, Partition] = {}
+
+    # -- naming -------------------------------------------------------------------------
+
+    def transactional_id(self, tp: TP) -> str:
+        # One transactional.id per *source* topic-partition, not per Faust topic group:
+        # two agents reading different topics never share (and commit) a transaction,
+        # and a zombie that still believes it owns ``tp`` is fenced by the new owner.
+        tid = self._tids.get(tp)
+        if tid is None:  # asked per send: Faust's settings lookups are not free
+            tid = self._tids[tp] = f"{self.app.conf.id}-{tp.topic}-{tp.partition}"
+        return tid
+
+    def _source_tps(self, tps: Iterable[TP]) -> set[TP]:
+        assignor = self.app.assignor
+        return {
+            tp for tp in tps if tp.topic in self.coordinator.sources and not assignor.is_standby(tp)
+        }
+
+    # -- rebalance ----------------------------------------------------------------------
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        # Faust's revoke path has already asked for a commit, but Faust skips it when a
+        # timer commit is in flight ("wait for it, then do nothing"), and it only commits
+        # what its own ack tracking allows. Events processed after the in-flight commit
+        # took its snapshot would stay in the open transaction; for a partition this
+        # worker keeps, the next recovery then seeks back to the older committed offset
+        # and processes them again into that same transaction. So commit here, ourselves,
+        # everything processed so far. Events are held back from now until the next
+        # recovery ends (the coordinator is unsettled), so nothing new slips in.
+        await self.commit({})
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
+    ) -> None:
+        self.coordinator.assigned()
+        if self._commit_timer is None:
+            self._commit_timer = asyncio.ensure_future(self._commit_loop())
+        keep = self._source_tps(assigned)
+        self._check_state_assigned(keep, assigned)
+        # Release by what we hold, not by Faust's ``revoked``: a partition that moves
+        # from active to standby here is still "assigned" to the consumer (Faust assigns
+        # standby source partitions, paused), so it is in neither set. Keeping its
+        # producer would skip InitProducerId when it comes back, and with it the fencing
+        # of, and the wait for, the transaction its owner meanwhile had open.
+        for tp in sorted(self._held - keep):
+            await self._release(tp)
+        for tp in sorted(keep):
+            if self.transactional_id(tp) not in self._producers:
+                await self._acquire(tp)
+
+    def _check_state_assigned(self, keep: set[TP], assigned: set[TP]) -> None:
+        """Every processed partition's table state must be recovered with it.
+
+        A source partition comes with the same partition of each of its tables'
+        changelogs, as an active assignment, or Faust neither restores nor maintains
+        that state, and processing would start from an empty table. That happened when
+        the group leader's metadata did not list a changelog topic yet (the app now
+        creates changelogs before subscribing). Should it happen again, a restart, with
+        fresh metadata, is the only safe move: never process without the state.
+        """
+        assignor = self.app.assignor
+        for tp in sorted(keep):
+            for store in self.coordinator.stores.get(tp.topic, ()):
+                changelog = TP(store.changelog_topic_name, tp.partition)
+                if changelog not in assigned or assignor.is_standby(changelog):
+                    fatal(
+                        f"{tp} is assigned without its table state {changelog}",
+                        RuntimeError("changelog partition not actively assigned"),
+                    )
+
+    def _new_transactional_producer(self, tid: str) -> TransactionalProducer:
+        return TransactionalProducer.like_faust(
+            self.producer, tid, float(self.app.conf.broker_commit_interval)
+        )
+
+    def _partition(self, tp: TP) -> Partition:
+        """What ``tp``'s transactions write besides outputs (asked per send: cached)."""
+        part = self._parts.get(tp)
+        if part is None:
+            settings = self.coordinator.settings
+            part = self._parts[tp] = Partition(
+                tp=tp,
+                progress=TopicPartition(
+                    settings.progress_topic, tp.partition % settings.partitions
+                ),
+                stores=tuple(self.coordinator.stores.get(tp.topic, ())),
+                group_id=self.app.conf.id,
+            )
+        return part
+
+    async def _acquire(self, tp: TP) -> None:
+        tid = self.transactional_id(tp)
+        producer = self._new_transactional_producer(tid)
+        try:
+            # start() runs InitProducerId: it fences any older producer with this id and
+            # waits until that producer's open transaction is completed or aborted, so the
+            # committed offsets read next are stable. Bounded, as in _rewind.
+            await asyncio.wait_for(producer.start(), PRODUCER_START_S)
+            await producer.begin_transaction()
+        except Exception as exc:
+            fatal(f"could not start the transaction of {tid}", exc)
+        self._producers[tid] = producer
+        self._held.add(tp)
+        st = self.coordinator.state(tp)
+        st.pending.clear()
+        fail_held(st, "the partition was assigned anew")
+        st.processed = None
+        st.committed = None
+        for store in self.coordinator.stores.get(tp.topic, ()):
+            store.discard(tp)
+
+    async def _release(self, tp: TP) -> None:
+        tid = self.transactional_id(tp)
+        producer = self._producers.pop(tid, None)
+        self._held.discard(tp)
+        for store in self.coordinator.stores.get(tp.topic, ()):
+            store.discard(tp)
+        st = self.coordinator.partitions.pop(tp, None)
+        self.coordinator.ledger.forget(tp)  # memory only: what it knew stays true
+        if st is not None:
+            fail_held(st, "the partition was released")
+        if producer is not None:
+            # Stopping aborts whatever the transaction still holds (nothing after the
+            # revoke commit); the new owner's InitProducerId would fence it anyway.
+            if st is not None and st.has_progress:
+                self.coordinator.aborts += 1
+            try:
+                await producer.stop()
+            except Exception as exc:  # pragma: no cover - best effort on a dead link
+                log.warning("stopping producer %s: %r", tid, exc)
+
+    async def _commit_loop(self) -> None:
+        """Commit on our own clock as well as Faust's.
+
+        Faust's timer calls :meth:`commit` only when its own ack tracking finds offsets
+        to commit, and that tracking stalls on the gaps that transaction markers and our
+        corrections of its delivery leave (seen: a stage behind a transactional topic
+        processed its last records but never committed them). Progress here is what
+        :class:`Coordinator` recorded, so this never commits anything Faust would not.
+        """
+        interval = float(self.app.conf.broker_commit_interval)
+        coord = self.coordinator
+        quiet_s = coord.settings.commit_quiet_s
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = loop.time() + interval
+            quiet = quiet_s > 0 and await coord.wait_quiet(quiet_s, deadline)
+            if not quiet:
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+            if coord.settled and any(st.has_progress for st in coord.partitions.values()):
+                if quiet:
+                    coord.quiet_commits += 1
+                await self.commit({})
+
+    async def on_stop(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+        await self.coordinator.close()
+        for tid, producer in list(self._producers.items()):
+            try:
+                await producer.stop()
+            except Exception as exc:  # pragma: no cover
+                log.warning("stopping producer %s: %r", tid, exc)
+        self._producers.clear()
+        self._held.clear()
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> Awaitable[RecordMetadata]:
+        event = current_event()
+        if event is None:
+            # Not part of processing an event (a timer, a web view): nothing to be
+            # atomic with, so it goes through the idempotent non-transactional producer.
+            return await self.producer.send(topic, key, value, partition, timestamp, headers)
+        source = event.message.tp
+        if self.coordinator.policy.on("route-by-source"):
+            tp = source
+        else:
+            # Stock Faust: the destination partition picks the transaction; when the
+            # consumer has no metadata for the destination topic (it does not read it),
+            # there is no partition and the record goes out in no transaction at all.
+            p = self.consumer.key_partition(topic, key, partition)
+            if p is None:
+                return await self.producer.send(topic, key, value, partition, timestamp, headers)
+            tp = TP(source.topic, int(p))
+            partition = tp.partition
+        producer = self._producers.get(self.transactional_id(tp))
+        if producer is None:
+            fatal(f"no transaction open for {tp} (partition not assigned to this worker)")
+            raise AssertionError("unreachable")
+        st = self.coordinator.state(tp)
+        record = OutRecord(
+            topic,
+            key,
+            value,
+            partition,
+            None if timestamp is None else round(timestamp * 1000),
+            as_headers(headers),
+            event.message.offset,
+        )
+        if st.holding:
+            record.future = asyncio.get_running_loop().create_future()
+            st.held.append(record)
+            return record.future
+        return await produce(self._partition(tp), st, producer, record)
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> RecordMetadata:
+        fut = await self.send(topic, key, value, partition, timestamp, headers)
+        return await fut
+
+    # -- committing ---------------------------------------------------------------------
+
+    async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        # Faust's timer and our revoke hook may both commit; one at a time, and the
+        # second then commits whatever progress the first did not include.
+        async with self._commit_lock:
+            return await self._commit_all()
+
+    async def _commit_all(self) -> bool:
+        coord = self.coordinator
+        tps = [
+            tp
+            for tp, st in list(coord.partitions.items())
+            if st.has_progress
+            and not st.rewinding  # its open transaction holds part of a failed event
+            and self.transactional_id(tp) in self._producers
+        ]
+        if not tps:
+            return False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # ``start_new_transaction`` is ignored: Faust passes False when it commits at a
+        # revoke, and then a partition this worker keeps would have no open transaction
+        # for its next event. Beginning is client-side only in Kafka (an empty
+        # transaction costs the broker nothing), and a released partition's producer
+        # aborts it when stopped.
+        gathered = asyncio.gather(
+            *(self._commit_tp(tp) for tp in tps),
+            return_exceptions=True,
+        )
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=5.0)
+            if done:
+                break
+            stuck = {
+                f"{tp.topic}[{tp.partition}]": coord.partitions[tp].step
+                for tp in tps
+                if tp in coord.partitions and coord.partitions[tp].step
+            }
+            log.warning("commit running for %.0f s; at steps %s", loop.time() - started, stuck)
+        results = gathered.result()
+        for tp, result in zip(tps, results, strict=True):
+            if isinstance(result, BaseException):
+                if coord.policy.on("fatal-commit"):
+                    fatal(f"commit of {tp} failed", result)
+                # Stock Faust: log, and carry on in a new transaction as if it committed.
+                log.error("commit of %s failed (swallowed, fix disabled): %r", tp, result)
+                await self._begin_quietly(tp)
+        coord.commits += 1
+        coord.commit_seconds.append(loop.time() - started)
+        coord.commit_histogram.observe(loop.time() - started)
+        if len(coord.commit_seconds) > 1024:
+            del coord.commit_seconds[:512]
+        return True
+
+    async def _begin_quietly(self, tp: TP) -> None:
+        producer = self._producers.get(self.transactional_id(tp))
+        if producer is None:
+            return
+        try:
+            await producer.begin_transaction()
+            await send_held(self._partition(tp), self.coordinator.state(tp), producer)
+        except Exception as exc:
+            log.error("begin of %s failed (swallowed, fix disabled): %r", tp, exc)
+
+    async def _commit_tp(self, tp: TP) -> None:
+        coord = self.coordinator
+        txn = self._producers[self.transactional_id(tp)]
+        await commit_partition(self._partition(tp), coord.state(tp), txn, coord.policy, self)
+
+    # -- what the commit calls back into (pipeline.eos.commit.Hooks) -------------------
+
+    async def at_step(self, step: Step, tp: TP, st: PartitionState) -> None:
+        st.step = step.value
+        faults = self.coordinator.faults
+        faults.crash_point(step, tp, st)
+        if faults.delays:
+            await faults.delay_point(step, tp, st)
+
+    async def fail_point(self, step: Step, txn: Transaction, tp: TP, st: PartitionState) -> None:
+        await self.coordinator.faults.fail_point(step, txn, tp, st)
+
+    def blame(self, tp: TP, st: PartitionState, offset: int, exc: BaseException) -> None:
+        self.coordinator.fail(tp, st, offset, exc)
+
+    async def abort_and_rewind(self, tp: TP, st: PartitionState) -> None:
+        await self._rewind(tp, st)
+
+    async def rewind(self, tp: TP, st: PartitionState) -> None:
+        """Abort ``tp``'s open transaction and go back to its last commit (see
+        :meth:`Coordinator.run`): after the commit round in flight, if any."""
+        async with self._commit_lock:
+            if self.coordinator.partitions.get(tp) is st and st.rewinding:
+                await self._rewind(tp, st)
+
+    async def _rewind(self, tp: TP, st: PartitionState) -> None:
+        """Called with the commit lock held (no commit of ``tp`` in flight), and with
+        ``st.rewinding`` set (nothing of ``tp`` processed meanwhile)."""
+        coord = self.coordinator
+        tid = self.transactional_id(tp)
+        old = self._producers.get(tid)
+        if old is None:  # released meanwhile: its next owner starts from the commit
+            return
+        st.rewinds_in_a_row += 1
+        if st.rewinds_in_a_row > MAX_REWINDS_WITHOUT_COMMIT:
+            fatal(f"{tp}: aborted {st.rewinds_in_a_row - 1} times without a commit")
+        # Held sends and table rows of the aborted transaction are dropped with it.
+        for store in coord.stores.get(tp.topic, ()):
+            store.discard(tp)
+        fail_held(st, "its transaction was aborted after an event failed")
+        for fut in st.pending:
+            fut.add_done_callback(retrieve)
+        st.pending.clear()
+        st.pending_from.clear()
+        # A new producer with the same transactional.id, not abort_transaction(): after
+        # the broker refused a batch, aiokafka 0.14's producer aborted fine but then
+        # never delivered the next transaction's records (seen: a commit stuck at its
+        # drain step for minutes). The new one's InitProducerId aborts the open
+        # transaction and fences the old producer, whatever state that one is in.
+        try:
+            await asyncio.wait_for(old.stop(), 5.0)
+        except Exception as exc:  # it is fenced below either way
+            log.warning("stopping the producer of %s: %r", tp, exc)
+        try:
+            producer = self._new_transactional_producer(tid)
+            # Bounded: InitProducerId waits while the broker completes the old
+            # transaction, which it cannot when a partition of it refuses even the
+            # abort marker (seen with a topic whose max.message.bytes was 64); past the
+            # transaction timeout, restart clean rather than wait forever.
+            await asyncio.wait_for(producer.start(), PRODUCER_START_S)
+            await producer.begin_transaction()
+        except Exception as exc:
+            fatal(f"could not start a new transaction for {tp}", exc)
+        self._producers[tid] = producer
+        coord.aborts += 1
+        target = st.committed if st.committed is not None else st.start
+        st.processed = None
+        st.events = 0
+        st.hole = None
+        st.expected = target
+        st.step = ""
+        coord.rewinds += 1
+        st.rewinding = False
+        log.warning("%s: transaction aborted; processing again from offset %s", tp, target)
+        if target is not None and coord.seek_wait is not None:
+            coord._keep_read_offset(tp, target)
+            await coord._seek_quietly({tp: target})

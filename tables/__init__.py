@@ -1,1 +1,0 @@
-"""Table definitions and state operators of the pipeline."""
