@@ -82,9 +82,8 @@ async def produce(
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     parts = consumer.partitions_for_topic(topic)
     if parts is None:
-        # A consumer without subscriptions has no metadata for the topic yet: topics()
-        # fetches the cluster's metadata.
-        await consumer.topics()
+        # A consumer without subscriptions has no metadata for the topic yet.
+        await consumer._client.force_metadata_update()
         parts = consumer.partitions_for_topic(topic)
     return set(parts or ())
 

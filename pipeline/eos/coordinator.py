@@ -424,6 +424,22 @@ class Coordinator:
                     st.committed,
                 )
                 start = st.committed
+            elif start is not None and st.committed is not None and start > st.committed:
+                # Someone else committed it since our last commit (only after rebalances
+                # this worker missed, and the transaction manager then took the partition
+                # anew, so this is a second line of defence): what we kept is stale.
+                log.warning(
+                    "%s: committed offset %d is past our last commit %d; dropping what "
+                    "this worker kept of it",
+                    tp,
+                    start,
+                    st.committed,
+                )
+                for store in self.stores.get(tp.topic, ()):
+                    store.discard(tp)
+                st.processed = None
+            # From here on a rewind goes back to where processing now continues.
+            st.committed = start
             st.expected = start if start is not None else beginnings.get(tp)
             st.start = st.expected
             st.hole = None

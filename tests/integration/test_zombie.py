@@ -20,7 +20,7 @@ from pipeline.eos import EXIT_COMMIT_FAILED, Step
 from pipeline.settings import Settings
 from pipeline.tools.reconcile import reconcile
 
-from .harness import Worker, feed, wait_drained
+from .harness import Worker, feed, settled_owners, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -62,5 +62,53 @@ async def test_zombie_in_the_middle_of_a_commit_is_fenced(
     assert code == EXIT_COMMIT_FAILED, zombie.log_tail()
     assert "ProducerFenced" in log or "InvalidProducerEpoch" in log, zombie.log_tail()
     heir.stop()
+    report = await reconcile(settings)
+    assert report.ok, report.render()
+
+
+async def _owners(workers: list[Worker], topic: str, partitions: int) -> dict[str, set[int]]:
+    return await settled_owners(workers, topic, partitions, timeout=180)
+
+
+async def test_a_worker_back_from_missed_rebalances_continues_from_the_newer_commit(
+    settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """A worker frozen longer than its session misses the rebalances in which another
+    worker owns, processes and commits its partitions. When it wakes and gets some of
+    them back, what it kept (its producer, fenced meanwhile; its own last commit) is
+    stale: it must take them anew, from the other worker's commit.
+
+    Found by a chaos run (seed 20261126): back from SIGSTOP, a worker kept its fenced
+    producer, failed on its first send, and rewound to its own older commit, so a range
+    of events the other worker had already applied was applied again.
+    """
+    topic = settings.topic_unique
+    assert await feed(settings, 2000, seed=61, dup_rate=0.2, bad_rate=0.01) == 2000
+    # The sleeper commits only every 20 s: back, its first sends (through a producer the
+    # other worker fenced) certainly fail before any commit of its could, so the verdict
+    # comes from the rewind, not from a race between the rewind and a failing commit.
+    sleeper = make_worker("sleeper", PIPELINE_COMMIT_INTERVAL_S="20", PIPELINE_COMMIT_QUIET_S="0")
+    other = make_worker("other")
+    sleeper.start()
+    other.start()
+    before = await _owners([sleeper, other], topic, settings.partitions)
+    await wait_drained(settings, [sleeper, other], timeout=240)
+    assert sleeper.proc is not None
+    sleeper.proc.send_signal(signal.SIGSTOP)
+    try:
+        await _owners([other], topic, settings.partitions)  # its session expired
+        assert await feed(settings, 2000, seed=62, dup_rate=0.2, bad_rate=0.01) == 2000
+        await wait_drained(settings, [other], timeout=240)  # committed past the sleeper
+    finally:
+        sleeper.proc.send_signal(signal.SIGCONT)
+    after = await _owners([sleeper, other], topic, settings.partitions)
+    back = before["sleeper"] & after["sleeper"]
+    assert back, f"the scenario needs the sleeper to get a partition back: {before} {after}"
+    assert await feed(settings, 2000, seed=63, dup_rate=0.2, bad_rate=0.01) == 2000
+    await wait_drained(settings, [sleeper, other], timeout=240)
+    sleeper.stop()
+    other.stop()
+    log = sleeper.log_path.read_text(errors="replace")
+    assert "rebalances were missed; taking every partition anew" in log, sleeper.log_tail()
     report = await reconcile(settings)
     assert report.ok, report.render()

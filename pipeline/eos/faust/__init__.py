@@ -42,8 +42,9 @@ explained where it is done. Outside this package the project uses public API onl
     25. Its per-event hooks overridden, reading ``_metrics`` and ``_stream_label``.
 
 Counted the way ``../shared/reviews/engine-structure.md`` counts (lines that use another
-project's leading-underscore member): 33 lines, all in this package, against 34 spread
-over five modules before. Gathering them here removed one (``pipeline/kafka_io.py``
-now refreshes metadata through public API); a delivery that owns its fetch loop is
-what would remove items 5-15 and 25.
+project's leading-underscore member): 34 lines, as before, 33 of them now here. The one
+outside is ``pipeline/kafka_io.py``'s ``consumer._client.force_metadata_update()`` (a
+consumer that never subscribes has no metadata for a topic, and aiokafka has no public
+call that refreshes it). A delivery that owns its fetch loop is what would remove items
+5-15 and 25.
 """

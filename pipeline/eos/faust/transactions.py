@@ -53,6 +53,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
         self._commit_timer: asyncio.Future[None] | None = None
         self._tids: dict[TP, str] = {}
         self._parts: dict[TP, Partition] = {}
+        #: the consumer group generation of the last assignment this worker took
+        self._generation: int | None = None
 
     # -- naming -------------------------------------------------------------------------
 
@@ -97,7 +99,25 @@ class ExactlyOnceTransactionManager(TransactionManager):
         # standby source partitions, paused), so it is in neither set. Keeping its
         # producer would skip InitProducerId when it comes back, and with it the fencing
         # of, and the wait for, the transaction its owner meanwhile had open.
-        for tp in sorted(self._held - keep):
+        release = self._held - keep
+        generation = self.app.consumer_generation_id
+        if self._held and self._generation is not None and generation != self._generation + 1:
+            # Generations were skipped: this worker missed rebalances (stopped, or cut off
+            # longer than its session), in which other workers may have owned, processed
+            # and committed the partitions it gets back. What it kept of them (producer,
+            # last commit, open overlays) is stale: a chaos run found a worker that, back
+            # from SIGSTOP, kept its fenced producer, failed, and rewound to its own old
+            # commit instead of the newer one, applying a range of events twice. Only
+            # consecutive generations prove nobody else owned a kept partition.
+            log.warning(
+                "group generation %d follows %d: rebalances were missed; "
+                "taking every partition anew",
+                generation,
+                self._generation,
+            )
+            release = set(self._held)
+        self._generation = generation
+        for tp in sorted(release):
             await self._release(tp)
         for tp in sorted(keep):
             if self.transactional_id(tp) not in self._producers:
