@@ -84,6 +84,15 @@ class PartitionState:
             return bool(self.pending)
         return self.committed is None or self.processed + 1 > self.committed or bool(self.pending)
 
+    @property
+    def due(self) -> bool:
+        """Whether a commit round must commit this partition: it has progress, or an
+        event of it is being processed right now (its gate is held). A revoke's commit
+        that skipped such a partition left the event's effects in the open transaction
+        past the offset the next assignment continues from (found with batches, where
+        the window is a whole batch; one event wide here)."""
+        return self.has_progress or self.gate.locked()
+
 
 def fail_held(st: PartitionState, why: str) -> None:
     """Held sends that will never be sent: their events were not committed either, and

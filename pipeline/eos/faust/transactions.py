@@ -316,7 +316,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         tps = [
             tp
             for tp, st in list(coord.partitions.items())
-            if st.has_progress
+            if st.due
             and not st.rewinding  # its open transaction holds part of a failed event
             and self.transactional_id(tp) in self._producers
         ]

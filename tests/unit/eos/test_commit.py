@@ -356,3 +356,16 @@ async def test_without_progress_nothing_moves_the_offset(store: TransactionalSto
 
     assert await commit_partition(part, st, txn, EXACTLY_ONCE, hooks) is Outcome.COMMITTED
     assert not any(entry[0] in ("send", "offsets") for entry in log)
+
+
+async def test_a_partition_in_the_middle_of_an_event_is_due_for_the_commit_round() -> None:
+    """A revoke's commit round that left out a partition whose event was being processed
+    (nothing processed or sent yet) let that event's effects commit later, past the
+    offset the next assignment continued from."""
+    st = PartitionState()
+    assert not st.due
+    await st.gate.acquire()  # an event is being handled
+    assert st.due and not st.has_progress
+    st.gate.release()
+    st.processed = 7
+    assert st.due
