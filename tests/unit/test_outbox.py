@@ -358,7 +358,15 @@ def broker(monkeypatch: pytest.MonkeyPatch) -> FakeBroker:
 
 def relay_for(engine: Engine, *topics: str) -> outbox.Relay:
     relay = outbox.Relay(Settings(app_id="t"), str(engine.url.database))
-    relay.known_topics = {RAW, *topics}  # no topic check: it asks a broker
+    relay.known_topics = {RAW, *topics}
+
+    # The topic check asks a real broker's admin API; here every topic the fake broker
+    # is asked about exists. Without this, a topic dropped from ``known_topics`` after
+    # UnknownTopicOrPartition was checked against whatever listened on 127.0.0.1:9092.
+    async def check(names: list[str]) -> tuple[set[str], dict[str, str], str]:
+        return set(names), {}, ""
+
+    relay._check_topics = check  # type: ignore[method-assign]
     return relay
 
 
