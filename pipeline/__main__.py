@@ -78,6 +78,15 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if done >= total else 1
 
 
+def _partition_count(text: str) -> int:
+    n = int(text)
+    # Kafka allows more, but one worker owning more than this many transactional
+    # producers (one per source partition) is not a benchmark of anything we ship.
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"partitions must be 1..1024, not {n}")
+    return n
+
+
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.tools.bench import main as bench_main
 
@@ -146,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also measure the outbox relay and the sink on this database (SQLAlchemy URL;"
         " default $PIPELINE_BENCH_DB)",
+    )
+    p.add_argument(
+        "--partitions",
+        type=_partition_count,
+        default=8,
+        help="partitions of every topic of the workload (8)",
     )
     p.set_defaults(func=_bench)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipeline import web
 from pipeline.agents import dedup, orders, route
+from pipeline.agents.sending import direct_send
 from pipeline.eos.faust.store import TransactionalStore
 from pipeline.settings import Settings
 from pipeline.topology import Topology, declare
@@ -24,6 +25,8 @@ def build(settings: Settings | None = None) -> Topology:
         topo.balances_table,
     )
     eos = app.eos
+    # at_least_once: outputs go straight through Faust's producer
+    eos.send_direct = direct_send(app)
     eos.register_source(raw.get_topic_name())  # stateless: no table
     for source, table in (
         (by_order, dedup_table),

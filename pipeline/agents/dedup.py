@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pipeline.agents.sending import dead_letters, direct_send
+from pipeline.agents.sending import agent_for, dead_letters
 from pipeline.domain.dedup import (
     STREAM_KEY,
     decide,
@@ -24,6 +24,7 @@ from pipeline.domain.dedup import (
     removable,
 )
 from pipeline.domain.route import EID, SRC
+from pipeline.eos.stage import Out, Stage
 
 if TYPE_CHECKING:
     from faust.types import StreamT
@@ -38,66 +39,72 @@ def _header(headers: Any, name: str) -> bytes | None:
     return None
 
 
-def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+def make_stage(topo: Topology) -> Stage:
     settings = topo.settings
     window_ms = settings.dedup_window_ms
     grace_ms = settings.dedup_grace_ms
     batch = settings.expiry_batch
     sweep_every = settings.expiry_every
-    seen_table = topo.dedup_table
     store = topo.dedup_store
     unique_topic = topo.unique.get_topic_name()
-    send = direct_send(topo.app)
-    dead_letter = dead_letters(topo.app, topo.dlq.get_topic_name())
     stats = topo.app.stats
-    eos = topo.app.eos
     since_sweep: dict[int, int] = {}
     cursor: dict[int, bytes | None] = {}
 
-    def sweep(partition: int, stream_ms: int) -> None:
+    def sweep(partition: int, stream_ms: int, out: Out) -> None:
         # Bounded work per record; removes only ids the decision already treats as
         # absent (expired), so when it runs never changes a verdict.
         rows = store.scan_partition(partition, cursor.get(partition), batch)
         for key, _ in rows:
             if key.startswith(b"\x00"):
                 continue  # the stream-time row
-            current = decode_seen(store.lookup(key))
+            current = decode_seen(out.get(store, key))
             if current and removable(current, stream_ms, window_ms, grace_ms):
-                del seen_table[key]
+                out.put(store, key, None)
                 stats.expired_ids += 1
         cursor[partition] = rows[-1][0] + b"\x00" if len(rows) == batch else None
 
-    async def handle(value: bytes | None, msg: Any) -> None:
-        headers = msg.headers
+    def handle(record: Any, out: Out) -> None:
+        headers = record.headers
         event_id = _header(headers, EID)
         if event_id is None:
             # Not written by the route stage: a foreign record on an internal topic.
             raise ValueError(f"no {EID} header: not a record of the route stage")
-        arrival_ms = round(msg.timestamp * 1000)
-        previous = decode_ms(store.lookup(STREAM_KEY))
+        arrival_ms = record.timestamp
+        previous = decode_ms(out.get(store, STREAM_KEY))
         stream_ms = arrival_ms if previous is None else max(previous, arrival_ms)
         if stream_ms != previous:
-            seen_table[STREAM_KEY] = encode_ms(stream_ms)
+            out.put(store, STREAM_KEY, encode_ms(stream_ms))
         verdict = decide(
-            decode_seen(store.lookup(event_id)), arrival_ms, stream_ms, window_ms, grace_ms
+            decode_seen(out.get(store, event_id)), arrival_ms, stream_ms, window_ms, grace_ms
         )
         if verdict.unique:
-            seen_table[event_id] = encode_seen(verdict.accepted)
+            out.put(store, event_id, encode_seen(verdict.accepted))
             src = _header(headers, SRC)
-            await send(
-                unique_topic, msg.key, value, arrival_ms, [(SRC, src)] if src is not None else None
+            out.send(
+                unique_topic,
+                record.key,
+                record.value,
+                arrival_ms,
+                [(SRC, src)] if src is not None else None,
             )
             stats.unique += 1
         else:
             stats.duplicates_dropped += 1
-        p = msg.partition
+        p = record.partition
         n = since_sweep.get(p, 0) + 1
         if n >= sweep_every:
             n = 0
-            sweep(p, stream_ms)
+            sweep(p, stream_ms, out)
         since_sweep[p] = n
 
-    async def dedup(stream: StreamT) -> None:
-        await eos.run(stream, handle, dead_letter)
+    return Stage(
+        "dedup",
+        topo.by_order.get_topic_name(),
+        handle,
+        dead_letters(topo.app, topo.dlq.get_topic_name()),
+    )
 
-    return dedup
+
+def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+    return agent_for(topo.app, make_stage(topo))

@@ -15,11 +15,15 @@ would route the delta's send by its *destination* partition instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pipeline.agents.sending import dead_letters, direct_send
+from faust.types import TP
+
+from pipeline.agents.sending import agent_for, dead_letters
 from pipeline.domain.orders import Send, decide_balance, decide_order
 from pipeline.eos.faust.store import TransactionalStore
+from pipeline.eos.stage import Out, Stage
 
 if TYPE_CHECKING:
     from faust.types import StreamT
@@ -33,9 +37,22 @@ def _store(table: Any) -> TransactionalStore:
     return store
 
 
-def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
-    table = topo.orders_table
-    lookup = _store(table).lookup
+def _lookups(store: TransactionalStore) -> Callable[[TP], Callable[[bytes], bytes | None]]:
+    """Per source partition, the table read its records' decisions make."""
+    cache: dict[TP, Callable[[bytes], bytes | None]] = {}
+
+    def lookup_for(tp: TP) -> Callable[[bytes], bytes | None]:
+        found = cache.get(tp)
+        if found is None:
+            found = cache[tp] = partial(store.read, tp)
+        return found
+
+    return lookup_for
+
+
+def make_orders_stage(topo: Topology) -> Stage:
+    store = _store(topo.orders_table)
+    lookup_for = _lookups(store)
     topics = {
         "changes": topo.changes.get_topic_name(),
         "rejected": topo.rejected.get_topic_name(),
@@ -43,17 +60,15 @@ def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any,
         "deltas": topo.deltas.get_topic_name(),
         "dlq": topo.dlq.get_topic_name(),
     }
-    send_to = direct_send(topo.app)
-    dead_letter = dead_letters(topo.app, topics["dlq"])
     stats = topo.app.stats
-    eos = topo.app.eos
 
-    async def handle(value: bytes | None, msg: Any) -> None:
-        step = decide_order(value, msg.key, (msg.topic, msg.partition, msg.offset), lookup)
+    def handle(record: Any, out: Out) -> None:
+        where = (record.topic, record.partition, record.offset)
+        step = decide_order(record.value, record.key, where, lookup_for(out.tp))
         if step.key is not None:
-            table[step.key] = step.order
+            out.put(store, step.key, step.order)
         for send in step.sends:
-            await send_to(topics[send.kind], send.key, send.value)
+            out.send(topics[send.kind], send.key, send.value)
             if send.kind == "changes":
                 stats.changes += 1
             elif send.kind == "rejected":
@@ -63,30 +78,32 @@ def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any,
             elif send.kind == "dlq":
                 stats.dlq += 1
 
-    async def orders(stream: StreamT) -> None:
-        await eos.run(stream, handle, dead_letter)
+    return Stage(
+        "orders", topo.unique.get_topic_name(), handle, dead_letters(topo.app, topics["dlq"])
+    )
 
-    return orders
+
+def make_balances_stage(topo: Topology) -> Stage:
+    store = _store(topo.balances_table)
+    lookup_for = _lookups(store)
+    dlq = topo.dlq.get_topic_name()
+    stats = topo.app.stats
+
+    def handle(record: Any, out: Out) -> None:
+        where = (record.topic, record.partition, record.offset)
+        result = decide_balance(record.value, where, lookup_for(out.tp))
+        if isinstance(result, Send):
+            out.send(dlq, result.key, result.value)
+            stats.dlq += 1
+        else:
+            out.put(store, result[0], result[1])
+
+    return Stage("balances", topo.deltas.get_topic_name(), handle, dead_letters(topo.app, dlq))
+
+
+def make_orders_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+    return agent_for(topo.app, make_orders_stage(topo))
 
 
 def make_balances_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
-    table = topo.balances_table
-    lookup = _store(table).lookup
-    dlq = topo.dlq.get_topic_name()
-    send = direct_send(topo.app)
-    dead_letter = dead_letters(topo.app, dlq)
-    stats = topo.app.stats
-    eos = topo.app.eos
-
-    async def handle(value: bytes | None, msg: Any) -> None:
-        result = decide_balance(value, (msg.topic, msg.partition, msg.offset), lookup)
-        if isinstance(result, Send):
-            await send(dlq, result.key, result.value)
-            stats.dlq += 1
-        else:
-            table[result[0]] = result[1]
-
-    async def balances(stream: StreamT) -> None:
-        await eos.run(stream, handle, dead_letter)
-
-    return balances
+    return agent_for(topo.app, make_balances_stage(topo))

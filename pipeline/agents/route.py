@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pipeline.agents.sending import dead_letters, direct_send
+from pipeline.agents.sending import agent_for, dead_letters
 from pipeline.domain.codecs import dlq_key
 from pipeline.domain.route import EID, SRC, Rekey, route_record, source_header
+from pipeline.eos.stage import Out, Stage
 
 if TYPE_CHECKING:
     from faust.types import StreamT
@@ -31,26 +32,29 @@ if TYPE_CHECKING:
     from pipeline.topology import Topology
 
 
-def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+def make_stage(topo: Topology) -> Stage:
     by_order = topo.by_order.get_topic_name()
     dlq_topic = topo.dlq.get_topic_name()
-    send = direct_send(topo.app)
-    dead_letter = dead_letters(topo.app, dlq_topic)
     stats = topo.app.stats
-    eos = topo.app.eos
 
-    async def handle(value: bytes | None, msg: Any) -> None:
+    def handle(record: Any, out: Out) -> None:
         stats.seen += 1
-        action = route_record(value, msg.key, (msg.topic, msg.partition, msg.offset))
+        action = route_record(
+            record.value, record.key, (record.topic, record.partition, record.offset)
+        )
         if isinstance(action, Rekey):
-            headers = [(SRC, source_header(msg.partition, msg.offset)), (EID, action.event_id)]
-            arrival_ms = round(msg.timestamp * 1000)
-            await send(by_order, action.order_key, value, arrival_ms, headers)
+            headers = [
+                (SRC, source_header(record.partition, record.offset)),
+                (EID, action.event_id),
+            ]
+            # Its arrival (the broker's append time in orders.raw) goes on with it.
+            out.send(by_order, action.order_key, record.value, record.timestamp, headers)
         else:
-            await send(dlq_topic, dlq_key(msg.key), action.value)
+            out.send(dlq_topic, dlq_key(record.key), action.value)
             stats.dlq += 1
 
-    async def route(stream: StreamT) -> None:
-        await eos.run(stream, handle, dead_letter)
+    return Stage("route", topo.raw.get_topic_name(), handle, dead_letters(topo.app, dlq_topic))
 
-    return route
+
+def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+    return agent_for(topo.app, make_stage(topo))

@@ -1,71 +1,71 @@
-"""How agents send: raw bytes straight to the producer (no Faust imports at runtime,
-so that the pure decisions in ``agents`` stay importable without Faust, as the Quix
-Streams benchmark does)."""
+"""What the agents share: the Faust agent of a stage, dead letters, and the
+at_least_once way of sending.
+
+A stage makes outputs with ``out.send`` (:class:`pipeline.eos.stage.Out`); the engine
+puts them in the transaction of the record's source partition (exactly-once), or sends
+them straight through Faust's producer (:func:`direct_send`, at_least_once).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from pipeline.domain.codecs import dlq_key, dlq_value
+from pipeline.eos.partition import OutRecord
+from pipeline.eos.stage import Out, Stage
 
 if TYPE_CHECKING:
+    from faust.types import StreamT
+
     from pipeline.factory import PipelineApp
 
-Headers = list[tuple[str, bytes]]
 
-
-class Send(Protocol):
-    def __call__(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        timestamp_ms: int | None = None,
-        headers: Headers | None = None,
-    ) -> Awaitable[Any]: ...
-
-
-def direct_send(app: PipelineApp) -> Send:
-    """``send(topic, key, value[, timestamp_ms, headers])`` for agents: raw bytes straight
-    to the producer.
+def direct_send(app: PipelineApp) -> Callable[[OutRecord], Any]:
+    """``send(record)``: raw bytes straight to Faust's producer (at_least_once).
 
     ``Topic.send`` wraps every record in a FutureMessage and a PendingMessage, runs the
-    codecs (ours are "raw") and the send sensors, then calls the same producer; a
-    profile of the dedup stage put that wrapping at 4-5% of the worker's CPU. This
-    calls what ``Topic.publish_message`` calls, ``app.maybe_start_producer()``: our
-    transaction manager in exactly_once (which routes by source partition, see
-    :mod:`pipeline.eos`), Faust's producer in at_least_once. Faust's per-topic "sent"
-    metrics therefore do not count these records; ``/stats`` and ``/metrics`` do.
+    codecs (ours are "raw") and the send sensors, then calls the same producer; this
+    calls the producer ``Topic.publish_message`` calls. Faust's per-topic "sent" metrics
+    therefore do not count these records; ``/stats`` and ``/metrics`` do.
     """
     producer: Any = None
 
-    async def send(
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        timestamp_ms: int | None = None,
-        headers: Headers | None = None,
-    ) -> Any:
+    async def send(record: OutRecord) -> Any:
         nonlocal producer
         if producer is None:
             producer = await app.maybe_start_producer()
+        ms = record.timestamp_ms
         # Faust's producer API takes seconds.
-        seconds = None if timestamp_ms is None else timestamp_ms / 1000
-        return await producer.send(topic, key, value, None, seconds, headers)
+        seconds = None if ms is None else ms / 1000
+        return await producer.send(
+            record.topic, record.key, record.value, None, seconds, record.headers
+        )
 
     return send
 
 
-def dead_letters(app: PipelineApp, topic: str) -> Callable[[Any, Any, str], Awaitable[None]]:
-    """``dead_letter(value, message, reason)``: the record to the dead-letter topic, in
-    the same transaction as any output (see ``Coordinator.run``)."""
-    send = direct_send(app)
+def dead_letters(app: PipelineApp, topic: str) -> Callable[[Any, str, Out], None]:
+    """``dead_letter(record, reason, out)``: the record to the dead-letter topic, with its
+    reason, as an output of its own handling (in its transaction, exactly-once)."""
     stats = app.stats
 
-    async def dead_letter(value: Any, message: Any, reason: str) -> None:
-        doc = dlq_value(reason, message.topic, message.partition, message.offset, value)
-        await send(topic, dlq_key(message.key), doc)
+    def dead_letter(record: Any, reason: str, out: Out) -> None:
+        doc = dlq_value(reason, record.topic, record.partition, record.offset, record.value)
+        out.send(topic, dlq_key(record.key), doc)
         stats.dlq += 1
 
     return dead_letter
+
+
+def agent_for(app: PipelineApp, stage: Stage) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
+    """The Faust agent of ``stage``. Exactly-once, its batches go to it from the first
+    fetch on (the stream is only Faust's subscription); at_least_once, the stream's
+    events do."""
+    eos = app.eos
+    eos.add_stage(stage)
+
+    async def run(stream: StreamT) -> None:
+        await eos.run(stream, stage)
+
+    return run

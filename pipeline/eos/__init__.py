@@ -51,9 +51,12 @@ One module per guarantee; every touch of a Faust, mode or aiokafka internal is i
 ``partition``     one source partition's gate, open-transaction bookkeeping, held sends
 ``commit``        the seven commit steps, top to bottom, against a producer and a store
                   interface (unit-tested against fakes)
-``delivery``      what is known about which offsets hold committed records
-``coordinator``   admission (in order, once, from the committed offset), restore and
-                  settling after a rebalance, liveness, an event's failure handling
+``stage``         what a stage is: ``handle(record, out)``, with table reads and
+                  writes and outputs through ``out``
+``delivery``      fetched batches and the rule that delivers each committed record
+                  once, in order (:func:`~pipeline.eos.delivery.admit`)
+``coordinator``   the stages' batch loop, restore and settling after a rebalance,
+                  liveness, a record's failure handling
 ``faults``        test-only fault points at the commit steps
 ``faust/``        the adapter: the transaction manager, consumer, producer and store
                   subclasses and wrappers
@@ -62,9 +65,9 @@ One module per guarantee; every touch of a Faust, mode or aiokafka internal is i
 
 from pipeline.eos.commit import commit_partition
 from pipeline.eos.coordinator import Coordinator
-from pipeline.eos.delivery import CheckUnknown, FetchLedger, KnownRecords, PinnedReadOffsets
+from pipeline.eos.delivery import CheckUnknown, Fetched, FetchLedger, KnownRecords
 from pipeline.eos.faults import InjectedFailure
-from pipeline.eos.faust.consumer import LedgerConsumerThread, SettlingConsumer
+from pipeline.eos.faust.consumer import BatchingConsumerThread, SettlingConsumer
 from pipeline.eos.faust.transactions import ExactlyOnceTransactionManager
 from pipeline.eos.partition import OutRecord, PartitionState, progress_key
 from pipeline.eos.policy import (
@@ -86,16 +89,16 @@ __all__ = [
     "EXIT_INJECTED",
     "FIXES",
     "MAX_ATTEMPTS",
+    "BatchingConsumerThread",
     "CheckUnknown",
     "Coordinator",
     "ExactlyOnceTransactionManager",
     "FetchLedger",
+    "Fetched",
     "InjectedFailure",
     "KnownRecords",
-    "LedgerConsumerThread",
     "OutRecord",
     "PartitionState",
-    "PinnedReadOffsets",
     "Policy",
     "SettlingConsumer",
     "Step",

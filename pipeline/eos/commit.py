@@ -326,7 +326,8 @@ async def send_held(part: Partition, st: PartitionState, txn: Transaction) -> No
     while st.held:
         batch, st.held = st.held, []
         for record in batch:
-            assert record.future is not None
-            chain(await produce(part, st, txn, record), record.future)
+            fut = await produce(part, st, txn, record)
+            if record.future is not None:  # a caller may await it (emit)
+                chain(fut, record.future)
     # No await since the loop saw the list empty: nothing can be held in between.
     st.holding = False

@@ -1,17 +1,81 @@
-"""In-order, once-only delivery: what is known about which offsets hold committed
-records, so that a gap in what Faust delivered is told from a transaction marker.
+"""In-order, once-only delivery, batch by batch.
 
-The admission rules themselves (:meth:`pipeline.eos.coordinator.Coordinator.each`) use
-these; a batch engine that owns its fetch loop would need neither.
+The engine takes each source partition's records straight from the consumer's fetch,
+as the batch the fetch handed out (:class:`Fetched`), before Faust would turn them into
+one ``Message`` and one ``Event`` each. A fetch hands a partition's records out from its
+current position and moves the position past them (and past the transaction markers and
+aborted records among and after them), so a batch proves that the committed records in
+``[start, end)`` are exactly its records. Delivery in order, each record once, is then a
+rule over offsets alone (:func:`admit`): a batch continues the partition where it
+stands, or it is stale (a seek came after its fetch), or there is a gap to seek back to.
+
+:class:`FetchLedger` remembers which offsets hold committed records for the liveness
+check (:meth:`pipeline.eos.coordinator.Coordinator.check_partitions`).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 from faust.types import TP
+
+
+class Fetched(list[Any]):
+    """One fetch's records of one source partition, in offset order.
+
+    ``start`` is the partition's position when the fetch handed them out, ``end`` the
+    position after (past trailing markers too); ``seeks`` counts the seeks of the
+    partition made before the fetch began, and ``certain`` is False when one was made
+    while it ran (then ``start`` may not be where the records begin).
+    """
+
+    __slots__ = ("behind", "certain", "end", "epoch", "seeks", "start", "tp")
+
+    tp: TP
+    start: int
+    end: int
+    seeks: int
+    certain: bool
+    #: the coordinator's assignment epoch when the fetch began (-1: not settled then)
+    epoch: int
+    #: offsets between ``end`` and the log's last stable offset at the fetch (0: none,
+    #: or unknown)
+    behind: int
+
+
+class Verdict(Enum):
+    #: process ``records[skip:]``; the partition continues at the batch's end
+    TAKE = "take"
+    #: fetched before a seek, or the seek raced the fetch: drop; the seek's target is
+    #: fetched again
+    STALE = "stale"
+    #: nothing new: every record is below where the partition stands
+    OLD = "old"
+    #: the batch begins past where the partition stands: committed records in between
+    #: were skipped; seek back and drop
+    GAP = "gap"
+
+
+def admit(batch: Fetched, expected: int, seeks_now: int) -> tuple[Verdict, int]:
+    """The delivery rule for one batch of a partition that stands at ``expected``
+    (its next offset to process), after ``seeks_now`` seeks of it.
+
+    Returns the verdict and, for ``TAKE``, how many leading records to skip (records
+    below ``expected``, when a batch overlaps what was processed already).
+    """
+    if not batch.certain or batch.seeks != seeks_now:
+        return Verdict.STALE, 0
+    if batch.start > expected:
+        return Verdict.GAP, 0
+    if batch.end <= expected:
+        return Verdict.OLD, 0
+    if batch.start == expected:
+        return Verdict.TAKE, 0
+    skip = bisect.bisect_left([r.offset for r in batch], expected)
+    return Verdict.TAKE, skip
 
 
 class CheckUnknown(RuntimeError):
@@ -92,31 +156,3 @@ class FetchLedger:
 
     def forget(self, tp: TP) -> None:
         self._chains.pop(tp, None)
-
-
-class PinnedReadOffsets(defaultdict[TP, int | None]):
-    """Faust's per-partition "last delivered offset", with a ceiling while we wait.
-
-    Faust's fetch loop drops every fetched record below this offset and raises it with
-    each delivery; while we wait for a record Faust skipped, it must stay at or below
-    that record, or the record is dropped again when our seek fetches it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(lambda: None)
-        self._pins: dict[TP, int] = {}
-
-    def pin(self, tp: TP, offset: int) -> None:
-        self._pins[tp] = offset
-        current = self.get(tp)
-        if current is not None and current > offset:
-            super().__setitem__(tp, offset)
-
-    def unpin(self, tp: TP) -> None:
-        self._pins.pop(tp, None)
-
-    def __setitem__(self, tp: TP, offset: int | None) -> None:
-        pin = self._pins.get(tp)
-        if pin is not None and offset is not None and offset > pin:
-            offset = pin
-        super().__setitem__(tp, offset)

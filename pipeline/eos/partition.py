@@ -77,6 +77,9 @@ class PartitionState:
     last_progress: float = 0.0
     #: loop time since which records wait here while none is processed (None: not stalled)
     stalled_since: float | None = None
+    #: how many offsets the last fetched batch ended before the log's end (its last
+    #: stable offset): more than 0 under a backlog
+    behind: int = 0
 
     @property
     def has_progress(self) -> bool:

@@ -1,20 +1,24 @@
 """``python -m pipeline bench``: what exactly-once costs, and how we compare, in one run.
 
 Every system gets the same pre-produced workload (same count, seed, duplicate and
-bad-input rates, 8 partitions) in topics of its own on the same local broker, one system
-after another, each in an OS process of its own so that its CPU and peak RSS are its
-own. The systems: the raw aiokafka transactional loop (``pipeline.tools.bench_raw``), our dedup
-stage alone and the full chain, each in ``at_least_once`` and ``exactly_once`` (a
-``faust`` worker), Quix Streams exactly-once (``pipeline.tools.bench_quix``, if installed), and
-Kafka's own producer and consumer perf tools.
+bad-input rates, ``--partitions``, 8 by default) in topics of its own on the same local
+broker, one system after another, each in an OS process of its own so that its CPU and
+peak RSS are its own. The systems: the raw aiokafka transactional loop
+(``pipeline.tools.bench_raw``), our dedup stage alone and the full chain, each in
+``at_least_once`` and ``exactly_once`` (a ``faust`` worker), Quix Streams exactly-once
+(``pipeline.tools.bench_quix``, if installed), and Kafka's own producer and consumer perf
+tools.
 
 Throughput: the clock starts when the system handles its first record (so start-up and
 recovery are not counted) and stops when its consumer group has committed every input
 record (every stage's input, for the full chain); CPU is the process's CPU over the same
-interval, from ``/proc``. Latency: after the backlog, a paced trickle of new events is
-produced while a ``read_committed`` reader in this process notes when each event's output
-becomes visible; the latency is that minus the send time (one clock, this process's).
-Ratios are taken between systems of the same invocation only.
+interval, from ``/proc``. Start to first commit: from the process's start until its
+consumer group has committed an input offset (polled every 0.2 s), which takes in the
+group join, the recovery and, for ours, a transactional producer per partition.
+Latency: after the backlog, a paced trickle of new events is produced while a
+``read_committed`` reader in this process notes when each event's output becomes
+visible; the latency is that minus the send time (one clock, this process's). Ratios are
+taken between systems of the same invocation only.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.admin import LARGE_CONFIG, RAW_CONFIG, drop_topics, ensure_topics
-from pipeline.kafka_io import partitions_of, produce
+from pipeline.kafka_io import committed_offsets, partitions_of, produce
 from pipeline.settings import Settings
 from pipeline.tools.bench_stats import Run, percentile, render_ratios, render_table
 from pipeline.tools.generate import generate
@@ -95,6 +99,7 @@ class Plan:
     lat_seconds: float
     quix_python: str | None
     workdir: Path
+    partitions: int = 8
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -109,16 +114,39 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def _workload(bootstrap: str, topics: list[str], raw: str, count: int) -> None:
+async def _workload(
+    bootstrap: str, topics: list[str], raw: str, count: int, partitions: int = 8
+) -> None:
     # The input as the pipeline declares it (append time, room for 1 MiB values), so
     # that every system reads the same topic as our workers need it.
-    await ensure_topics(bootstrap, [raw], 8, config=RAW_CONFIG)
-    await ensure_topics(bootstrap, [t for t in topics if t != raw], 8, config=LARGE_CONFIG)
+    n = partitions
+    await ensure_topics(bootstrap, [raw], n, config=RAW_CONFIG)
+    await ensure_topics(bootstrap, [t for t in topics if t != raw], n, config=LARGE_CONFIG)
     await produce(
         bootstrap,
         raw,
         generate(count, seed=42, dup_rate=0.3, bad_rate=0.01, illegal_rate=0.05),
     )
+
+
+async def _first_commit(settings: Settings, since: float) -> float:
+    """Seconds from ``since`` (monotonic) until the app's group committed an input offset."""
+    while True:
+        committed = await committed_offsets(
+            settings.bootstrap_servers, settings.app_id, settings.topic_raw
+        )
+        if any(committed.values()):
+            return round(time.monotonic() - since, 2)
+        await asyncio.sleep(0.2)
+
+
+async def _stop_task(task: asyncio.Task[float]) -> float | None:
+    if not task.done():
+        task.cancel()
+    try:
+        return await task
+    except (asyncio.CancelledError, Exception):
+        return None
 
 
 async def latency(
@@ -198,7 +226,7 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         settings.broker,
         plan.workdir / tag,
         PIPELINE_PROCESSING_GUARANTEE=guarantee,
-        PIPELINE_PARTITIONS="8",
+        PIPELINE_PARTITIONS=str(plan.partitions),
         PIPELINE_COMMIT_INTERVAL_S=str(plan.commit_ms / 1000),
         # Workers get no PIPELINE_* variable from the runner's environment but these.
         PIPELINE_COMMIT_QUIET_S=str(settings.commit_quiet_s),
@@ -206,11 +234,17 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
     )
     s = settings_from(env)
     await _workload(
-        s.bootstrap_servers, [s.topic_raw, s.topic_unique, s.topic_dlq], s.topic_raw, plan.count
+        s.bootstrap_servers,
+        [s.topic_raw, s.topic_unique, s.topic_dlq],
+        s.topic_raw,
+        plan.count,
+        plan.partitions,
     )
     name = (FULL if stages == "all" else DEDUP).format(guarantee)
     worker = Worker(env, plan.workdir / f"{tag}.log", name=name)
+    started = time.monotonic()
     worker.start()
+    first_commit = asyncio.create_task(_first_commit(s, started))
     try:
         await worker.wait_seen(1, timeout=180)
         assert worker.proc is not None
@@ -232,6 +266,7 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         p50, p99, matched = await latency(s.bootstrap_servers, s.topic_raw, out, plan, tag)
         rss = _peak_rss_mb(pid)
     finally:
+        to_first_commit = await _stop_task(first_commit)
         worker.stop()
         await drop_topics(s.bootstrap_servers, tag)
     handled = plan.count - seen0
@@ -244,6 +279,7 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         p99_ms=p99,
         cpu_s_per_100k=round(cpu / handled * 100_000, 2),
         peak_rss_mb=round(rss, 1),
+        first_commit_s=to_first_commit,
         config={
             "commit_interval_ms": plan.commit_ms,
             "commit_quiet_ms": round(settings.commit_quiet_s * 1000, 1),
@@ -263,7 +299,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
     group = f"bench-{tag}"
     raw, unique, dlq = f"{group}.orders.raw", f"{group}.orders.unique", f"{group}.orders.dlq"
     bootstrap = settings.bootstrap_servers
-    await _workload(bootstrap, [raw, unique, dlq], raw, plan.count)
+    await _workload(bootstrap, [raw, unique, dlq], raw, plan.count, plan.partitions)
     common = ["--bootstrap", bootstrap, "--input", raw, "--unique", unique, "--dlq", dlq]
     common += ["--group", group, "--commit-ms", str(plan.commit_ms)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -297,13 +333,15 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
             "batches": "Quix defaults (librdkafka), producer linger 5 ms",
         }
     log = plan.workdir / f"{tag}.log"
+    started = time.monotonic()
     proc = _spawn(cmd, env, log)
+    s = settings.model_copy(update={"app_id": group, "topic_raw": raw})
+    first_commit = asyncio.create_task(_first_commit(s, started))
     try:
         assert proc.stdout is not None
         first = await asyncio.wait_for(_first_line(proc.stdout), timeout=180)
         if first is None:
             raise RuntimeError(f"{system} exited: {log.read_text(errors='replace')[-3000:]}")
-        s = settings.model_copy(update={"app_id": group, "topic_raw": raw})
         if system == RAW:
             # The loop says when it committed its last input record itself.
             last = await asyncio.wait_for(_first_line(proc.stdout, "drained"), timeout=600)
@@ -325,6 +363,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         p50, p99, matched = await latency(bootstrap, raw, unique, plan, tag)
         rss = _peak_rss_mb(proc.pid)
     finally:
+        to_first_commit = await _stop_task(first_commit)
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -342,6 +381,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         p99_ms=p99,
         cpu_s_per_100k=round(cpu / plan.count * 100_000, 2),
         peak_rss_mb=round(rss, 1),
+        first_commit_s=to_first_commit,
         config=config,
     )
 
@@ -370,7 +410,7 @@ async def run_kafka_tools(plan: Plan, settings: Settings) -> list[Run]:
     bootstrap = settings.bootstrap_servers
     tag = uuid.uuid4().hex[:8]
     topic = f"bench-{tag}.perf"
-    await ensure_topics(bootstrap, [topic], 8)
+    await ensure_topics(bootstrap, [topic], plan.partitions)
     try:
         return await _kafka_tools(plan, bootstrap, topic)
     finally:
@@ -485,6 +525,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             lat_seconds=3.0 if quick else 10.0,
             quix_python=quix,
             workdir=workdir,
+            partitions=args.partitions,
         )
         for i in range(runs):
             jobs: list[tuple[str, object]] = [
@@ -534,7 +575,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             outbox.append(asyncio.run(bench_outbox(db_url, count, settings)))
             print(f"  run {i + 1}/{runs} outbox and sink: {outbox[-1]}", flush=True)
     load1 = os.getloadavg()
-    report = render(results, count, runs, settings, skipped)
+    report = render(results, count, runs, settings, skipped, args.partitions)
     if outbox:
         report += "\n\n" + render_outbox(outbox, db_url or "")
     report += (
@@ -548,6 +589,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 {
                     "count": count,
                     "runs": runs,
+                    "partitions": args.partitions,
                     "commit_interval_s": settings.commit_interval_s,
                     "loadavg_before": load0,
                     "loadavg_after": load1,
@@ -579,11 +621,16 @@ def render_outbox(runs: list[dict[str, float]], db_url: str) -> str:
 
 
 def render(
-    results: dict[str, list[Run]], count: int, runs: int, settings: Settings, skipped: list[str]
+    results: dict[str, list[Run]],
+    count: int,
+    runs: int,
+    settings: Settings,
+    skipped: list[str],
+    partitions: int = 8,
 ) -> str:
     lines = [
         f"Workload: {count} events (30% duplicates, 1% bad, 5% of orders with an illegal "
-        f"event, ~200-byte JSON), 8 partitions, one process per system, commit interval "
+        f"event, ~200-byte JSON), {partitions} partitions, one process per system, commit interval "
         f"{settings.commit_interval_s} s (our workers also commit once quiet for "
         f"{settings.commit_quiet_s} s), {runs} run(s) per system: median (min-max).",
         "Latency: 100 events/s trickle after the backlog, send -> output visible to a "

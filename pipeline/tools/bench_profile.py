@@ -30,12 +30,13 @@ from pipeline.tools.procs import Worker, drained, namespaced_env, settings_from
 ACTIVITIES: list[tuple[str, tuple[str, ...]]] = [
     ("consumer thread", ("Thread._bootstrap",)),
     ("idle (event loop waiting)", ("EpollSelector.select",)),
-    ("commit (pipeline.eos)", ("_commit_tp", "_commit_all", "_send_held")),
-    ("agent: pure decision", ("decide_record", "decide_order", "decide_balance")),
-    ("agent: table reads and writes", ("lookup", "__setitem__", "__delitem__", "sweep")),
-    ("agent: sends", ("direct_send",)),
-    ("stream iteration (Faust, EOS admission)", ("Coordinator.each", "Stream._c_aiter")),
-    ("fetch and delivery to streams (Faust)", ("Fetcher._fetcher", "_drain_messages")),
+    ("commit (pipeline.eos.commit)", ("commit_partition", "_commit_all", "send_held")),
+    ("stage: pure decision", ("decide_record", "decide_order", "decide_balance", "decide ")),
+    ("stage: table reads and writes", ("TransactionalStore.read", "TransactionalStore.stage")),
+    ("sends into the transaction", ("Coordinator._emit", "TransactionManager.emit")),
+    ("stage: the rest of handle", ("Coordinator._apply",)),
+    ("batch delivery (engine)", ("Coordinator._process", "Coordinator.deliver")),
+    ("fetch loop (Faust)", ("Fetcher._fetcher", "_drain_messages")),
     ("producer requests (aiokafka)", ("Sender.", "AIOKafkaClient.send", "BaseHandler.do")),
 ]
 

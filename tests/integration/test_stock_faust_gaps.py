@@ -132,13 +132,17 @@ async def test_gap_breaks_exactly_once_without_fix(
     assert missing > 0, f"{fix} off: no break found (no losses after a crash at {step})"
 
 
-async def _refused_or_done(settings: Settings, worker: Worker, refused: str) -> bool:
-    """Wait until a send was refused (True), or the dedup stage committed all its input."""
+async def _refused_or_done(
+    settings: Settings, worker: Worker, refused: str, flow: asyncio.Future[None] | None = None
+) -> bool:
+    """Wait until a send was refused (True), or the dedup stage committed all its input
+    (once ``flow``, input still arriving, has ended)."""
     for _ in range(240):
         if refused in worker.log_path.read_text(errors="replace"):
             return True
         done, total = await progress(settings)
-        if (total and done >= total) or not worker.alive:
+        flowing = flow is not None and not flow.done()
+        if (total and done >= total and not flowing) or not worker.alive:
             break
         await asyncio.sleep(0.5)
     return refused in worker.log_path.read_text(errors="replace")
@@ -150,6 +154,16 @@ SLOW_BEGIN = {"PIPELINE_DELAY_AT": Step.BEGIN.value, "PIPELINE_DELAY_S": "0.2"}
 REFUSED = "Can't send messages while not in transaction"
 
 
+#: Input that keeps arriving while the worker commits: 8,000 events at 400 a second.
+FLOW = 8000
+FLOW_RATE = 400.0
+
+
+async def _flow(settings: Settings) -> None:
+    records = generate(FLOW, seed=9, dup_rate=0.1, bad_rate=0.0)
+    assert await produce(settings.bootstrap_servers, settings.topic_raw, records, rate=FLOW_RATE)
+
+
 async def test_gap_commit_overlaps_processing_without_quiesce(
     settings: Settings, make_worker: Callable[..., Worker]
 ) -> None:
@@ -159,13 +173,17 @@ async def test_gap_commit_overlaps_processing_without_quiesce(
     it. aiokafka refuses sends between ``commit_transaction`` and the next
     ``begin_transaction``, so with aiokafka the overlap shows up as refused sends that
     crash the agent mid-event (and with any other client as duplicates after a crash).
-    Every commit here stays out of a transaction for 0.2 s while the agent has a
-    backlog: without the gate, one of its sends lands in that window.
+    Every commit here stays out of a transaction for 0.2 s while input keeps arriving
+    (a backlog alone can be worked off before the first commit, in batches): without
+    the gate, a send lands in that window.
     """
-    assert await feed(settings, 8000, seed=9, dup_rate=0.1, bad_rate=0.0) == 8000
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.05", **_stock("quiesce"))
     worker.start(**_fault(settings, PIPELINE_FAULT_MIN_EVENTS="1", **SLOW_BEGIN))
-    refused = await _refused_or_done(settings, worker, REFUSED)
+    flow = asyncio.ensure_future(_flow(settings))
+    try:
+        refused = await _refused_or_done(settings, worker, REFUSED, flow)
+    finally:
+        flow.cancel()
     worker.kill9()
     assert refused, "quiesce off: no break found (no send overlapped a commit)"
 
@@ -175,9 +193,9 @@ async def test_no_send_refused_with_quiesce(
 ) -> None:
     """The scenario above with the gate: sends made during a commit wait for the next
     transaction, none is refused, and the outputs are exact."""
-    assert await feed(settings, 8000, seed=9, dup_rate=0.1, bad_rate=0.0) == 8000
     worker = make_worker(PIPELINE_COMMIT_INTERVAL_S="0.05")
     worker.start(**_fault(settings, PIPELINE_FAULT_MIN_EVENTS="1", **SLOW_BEGIN))
+    await _flow(settings)
     await wait_drained(settings, [worker], timeout=180)
     worker.stop()
     assert REFUSED not in worker.log_path.read_text(errors="replace")

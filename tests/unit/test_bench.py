@@ -36,20 +36,32 @@ def test_ratios_only_between_systems_that_ran() -> None:
     assert out == [("eos", "alo", 0.9)]
 
 
-def _run(system: str, eps: float, p99: float | None = None) -> Run:
-    return Run(system, 1000, 1000 / eps, eps, p50_ms=10, p99_ms=p99, cpu_s_per_100k=5)
+def _run(
+    system: str, eps: float, p99: float | None = None, first_commit: float | None = None
+) -> Run:
+    return Run(
+        system,
+        1000,
+        1000 / eps,
+        eps,
+        p50_ms=10,
+        p99_ms=p99,
+        cpu_s_per_100k=5,
+        first_commit_s=first_commit,
+    )
 
 
 def test_table_shows_median_and_range_per_system() -> None:
     results = {
-        "a": [_run("a", 100, 50), _run("a", 300, 70), _run("a", 200, 60)],
+        "a": [_run("a", 100, 50, 2.5), _run("a", 300, 70, 3.0), _run("a", 200, 60, 4.25)],
         "b": [_run("b", 50)],
     }
     assert summarize(results["a"])["events_per_s"] is not None
     table = render_table(results).splitlines()
     assert table[0].startswith("| system | runs | events/s")
-    assert table[2] == "| a | 3 | 200 (100-300) | 10 | 60 (50-70) | 5.0 | n/a |"
-    assert table[3] == "| b | 1 | 50 | 10 | n/a | 5.0 | n/a |"
+    assert table[0].endswith("| start to first commit s |")
+    assert table[2] == "| a | 3 | 200 (100-300) | 10 | 60 (50-70) | 5.0 | n/a | 3.0 (2.5-4.2) |"
+    assert table[3] == "| b | 1 | 50 | 10 | n/a | 5.0 | n/a | n/a |"
 
 
 def test_raw_loop_counts_in_equal_counts_out() -> None:
@@ -94,8 +106,8 @@ def test_profile_breakdown_attributes_each_sample_once() -> None:
 
     raw = "\n".join(
         [
-            "main;Agent._execute_actor;make_agent.<locals>.dedup;decide_record (a.py:1) 30",
-            "main;Agent._execute_actor;Coordinator.each (eos.py:9);Stream._c_aiter (s.py:1) 20",
+            "main;Coordinator._process (c.py:1);Coordinator._apply;decide_record (a.py:1) 30",
+            "main;Coordinator._process (c.py:1);Coordinator._emit (c.py:9);produce (m.py:1) 20",
             "Thread._bootstrap (threading.py:1);EpollSelector.select (selectors.py:468) 40",
             "main;BaseEventLoop._run_once;EpollSelector.select (selectors.py:468) 5",
             "main;something_else (x.py:1) 5",
@@ -105,8 +117,8 @@ def test_profile_breakdown_attributes_each_sample_once() -> None:
     shares = dict(breakdown(raw))
     assert shares == {
         "consumer thread": 0.4,
-        "agent: pure decision": 0.3,
-        "stream iteration (Faust, EOS admission)": 0.2,
+        "stage: pure decision": 0.3,
+        "sends into the transaction": 0.2,
         "idle (event loop waiting)": 0.05,
         "other": 0.05,
     }

@@ -215,3 +215,34 @@ def test_caching_sensor_exports_what_faust_sensor_exports() -> None:
         == 30
     )
     assert ours[("faust_topic_partition_end_offset", (("partition", "3"), ("topic", "orders.raw")))]
+
+
+def test_a_batch_counts_as_its_records_in_faust_received_metrics() -> None:
+    """Exactly-once stages get batches, never Faust messages: ``on_batch_in`` moves the
+    received counters (total, per topic, last offset per partition) as many per-record
+    ``on_message_in`` calls would."""
+    from faust.sensors.prometheus import FaustMetrics
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.metrics import CachingPrometheusMonitor
+
+    def run(batched: bool) -> dict[tuple[str, Any], float]:
+        registry = CollectorRegistry(auto_describe=False)
+        monitor = CachingPrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
+        for p, (start, end) in enumerate([(0, 40), (7, 9), (100, 101)]):
+            tp = TP("orders.raw", p)
+            if batched:
+                monitor.on_batch_in(tp, end - start, end - 1)
+            else:
+                for offset in range(start, end):
+                    monitor.on_message_in(tp, offset, _Message())  # type: ignore[arg-type]
+        return {
+            k: v
+            for k, v in _samples(render(registry)).items()
+            # total, per topic, and the last offset per partition
+            if k[0].startswith("faust_messages_received") and not k[0].endswith("_created")
+        }
+
+    batched = run(True)
+    assert batched == run(False)
+    assert batched[("faust_messages_received_total", ())] == 43

@@ -143,3 +143,18 @@ def test_an_aborted_commit_leaves_rocksdb_untouched(store: TransactionalStore) -
     assert store._db_for_partition(1).get(b"a") is None
     _current_event.set(None)
     del keep
+
+
+def test_a_read_sees_its_own_partition_only(store: TransactionalStore) -> None:
+    """A key kept in every partition (the dedup stage's stream time) or copied into a
+    standby partition reads as the record's own partition has it. Outside a Faust event,
+    Faust's lookup searches every partition and remembers where it last found a key."""
+    store.restore(2, [(b"\x00stream", b"200")], 10)
+    store.restore(5, [(b"\x00stream", b"500"), (b"only5", b"x")], 10)
+    assert store.read(TP("src", 5), b"\x00stream") == b"500"
+    assert store.read(TP("src", 2), b"\x00stream") == b"200"
+    assert store.read(TP("src", 5), b"\x00stream") == b"500"
+    assert store.read(TP("src", 2), b"only5") is None  # another partition's key
+    store.stage(TP("src", 2), b"\x00stream", b"201")
+    assert store.read(TP("src", 2), b"\x00stream") == b"201"  # the open transaction's
+    assert store.read(TP("src", 5), b"\x00stream") == b"500"

@@ -1,123 +1,59 @@
-"""Faust's aiokafka consumer and its consumer thread, adapted to the coordinator.
+"""Faust's aiokafka consumer and its consumer thread, adapted to the engine.
 
 What they change (each is explained where it is done):
 
-* every delivered record passes through ``callback`` wrapped as a ``_Delivery``, and
-  ``wait_first`` awaits a delivery that cannot block directly (a fast path, for speed);
-* ``_read_offset`` (Faust's "last delivered offset" filter) is replaced by
-  :class:`~pipeline.eos.delivery.PinnedReadOffsets`;
+* ``_getmany`` takes the source topics' records out of each fetch, as one batch per
+  partition (:class:`~pipeline.eos.delivery.Fetched`), and hands them to the
+  coordinator's stages: they never become Faust messages or events. The rest of the
+  fetch (changelog records for standbys and Faust's recovery) goes on as Faust's;
 * ``highwaters`` returns where recovery is to stop (the end of the last committed
   record; for the partitions the coordinator restores itself, where reading starts), not
   the high waters;
 * ``position`` always returns -1 (it only feeds a recovery shortcut that fires wrongly);
 * ``seek_wait`` maps an unknown offset (None) to 0;
 * ``perform_seek`` hands the seek and resume functions to the coordinator;
-* the consumer thread tells the coordinator's ledger what each fetch held.
+* the consumer thread records each source partition's position before and after every
+  fetch, and counts seeks per partition, which makes the batches (and tells the
+  coordinator's ledger what each fetch held).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.types import TP
-from mode.services import WaitResults
 
-from pipeline.eos.delivery import PinnedReadOffsets
-
-
-class _Delivery:
-    """One record on its way to the conductor (see SettlingConsumer.wait_first)."""
-
-    __slots__ = ("coro", "message")
-
-    def __init__(self, message: Any, coro: Any) -> None:
-        self.message = message
-        self.coro = coro
-
-    def __await__(self) -> Any:
-        return self.coro.__await__()
+from pipeline.eos.delivery import Fetched
 
 
 class SettlingConsumer(AiokafkaConsumer):
-    """Faust's aiokafka consumer that tells the coordinator when positions are settled.
+    """Faust's aiokafka consumer, delivering the source topics' records in batches to
+    the coordinator, and telling it when positions are settled."""
 
-    ``perform_seek`` is what Faust's recovery calls, after table recovery, to move every
-    stream partition to its committed offset; only after it may events be processed.
-    """
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
+        records: Any = await super()._getmany(active_partitions, timeout)
+        if not records:
+            return records
+        eos = self.app.eos  # type: ignore[attr-defined]
+        runners = eos.runners
+        batches = [records.pop(tp) for tp in [tp for tp in records if tp.topic in runners]]
+        if batches:
+            note = getattr(self.app.monitor, "on_batch_in", None)
+            if note is not None:
+                for batch in batches:
+                    if batch:
+                        note(batch.tp, len(batch), batch[-1].offset)
+            await eos.deliver(batches, self._stopping)
+        return records
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._read_offset = PinnedReadOffsets()
-        deliver = self.callback
-        self.callback = lambda message: _Delivery(message, deliver(message))
-
-    async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:
-        # Faust's fetch loop hands each record to the conductor through
-        # ``wait_first(callback(message), suspend_flow.wait())``, so that a rebalance can
-        # interrupt a delivery blocked on a full stream buffer. That costs four tasks, a
-        # wait and three cancellations per record: about 15% of the dedup stage's CPU in
-        # a profile. When the delivery cannot block (checked just before it, with no
-        # await in between), it is awaited directly; otherwise it goes the usual way.
-        first = coros[0] if coros else None
-        if not isinstance(first, _Delivery):
-            return await super().wait_first(*coros, timeout=timeout)
-        rest = coros[1:]
-        blocker = self._blocker(first.message)
-        if blocker == "stream buffer":
-            # Under a backlog the agent is the bottleneck and its buffer stays full: each
-            # record would then take the slow path, its delivery waking with each record
-            # the agent takes. Wait instead, once, until the buffer has drained to
-            # Faust's own low-water mark (40%), and deliver the next records at once.
-            await self._wait_for_room(first.message)
-            blocker = self._blocker(first.message)
-        if blocker is not None:
-            return await super().wait_first(first.coro, *rest, timeout=timeout)
-        for other in rest:
-            if asyncio.iscoroutine(other):
-                other.close()  # the suspend-flow wait, never needed
-        result = await first.coro
-        return WaitResults([first], [result], False)
-
-    def _blocker(self, message: Any) -> str | None:
-        """What the conductor's delivery of ``message`` would wait for; None: nothing.
-
-        It waits only for: Faust's flow control (rebalances), its subscription lock, a
-        full producer buffer, or a full stream buffer of a channel reading ``message``'s
-        partition.
-        """
-        if self.suspend_flow.is_set() or self.should_stop:
-            return "suspended"
-        app = self.app
-        if not app.flow_control.is_active():
-            return "flow control"
-        conductor: Any = app.topics
-        if conductor._tp_to_callback_lock.locked():
-            return "subscription"
-        buffer = app.producer.buffer
-        if buffer.size > buffer.max_messages:
-            return "producer buffer"
-        for chan in conductor._tp_index.get(message.tp, ()):
-            if chan.queue.full():
-                return "stream buffer"
-        return None
-
-    async def _wait_for_room(self, message: Any, poll_s: float = 0.005) -> None:
-        """Until every stream buffer reading ``message``'s partition is down to its
-        pressure-drop size, or a rebalance or stop begins (then the caller takes Faust's
-        interruptible path). Polled: the agent still has 40% of a buffer to work through
-        when this returns, so a few milliseconds of lateness never starve it."""
-        chans = list(self.app.topics._tp_index.get(message.tp, ()))  # type: ignore[attr-defined]
-        while not (self.suspend_flow.is_set() or self.should_stop):
-            if all(chan.queue.qsize() <= chan.queue.pressure_drop_size for chan in chans):
-                return
-            await asyncio.sleep(poll_s)
+    def _stopping(self) -> bool:
+        return not self.flow_active or self.should_stop
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
-        return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        return BatchingConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         # Faust answers from the consumer's cached last stable offset, which is unknown
@@ -179,21 +115,41 @@ class SettlingConsumer(AiokafkaConsumer):
         await super().perform_seek()
         eos = self.app.eos  # type: ignore[attr-defined]
         eos.seek_wait = self.seek_wait
-        eos.read_offsets = self._read_offset
+        thread: Any = self._thread
+        eos.seek_counts = thread.seek_counts
         eos.resume = self.resume_partitions
 
 
-class LedgerConsumerThread(AIOKafkaConsumerThread):
-    """Faust's consumer thread, telling the coordinator's ledger what each fetch held."""
+class BatchingConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, making each fetch's source records into batches.
 
-    #: seeks made through :meth:`seek`, which Faust calls from the event loop's thread
-    _seeks = 0
+    Seeks are counted per partition: Faust seeks from the event loop's thread
+    (``seek``) and from this one (``_seek_wait``), the engine through ``seek_wait``.
+    Each count moves before the position does, so a fetch that may have read a position
+    a seek moved sees the count change, and its batch is not trusted.
+    """
+
+    _counts: dict[TP, int] | None = None
+
+    @property
+    def seek_counts(self) -> dict[TP, int]:
+        if self._counts is None:
+            self._counts = {}
+        return self._counts
+
+    def _count(self, tp: Any) -> None:
+        key = TP(tp.topic, tp.partition)
+        counts = self.seek_counts
+        counts[key] = counts.get(key, 0) + 1
 
     def seek(self, partition: TP, offset: int) -> None:
-        # Counted before the position moves, so a fetch that may have read a position
-        # moved by this seek sees the count change (see _fetch_records).
-        self._seeks += 1
+        self._count(partition)
         super().seek(partition, offset)
+
+    async def _seek_wait(self, consumer: Any, partitions: Mapping[TP, int]) -> None:
+        for tp in partitions:
+            self._count(tp)
+        await super()._seek_wait(consumer, partitions)
 
     async def _fetch_records(
         self,
@@ -202,30 +158,65 @@ class LedgerConsumerThread(AIOKafkaConsumerThread):
         timeout: float | None = None,
         max_records: int | None = None,
     ) -> Any:
-        seeks = self._seeks
-        records = await super()._fetch_records(
-            consumer, active_partitions, timeout=timeout, max_records=max_records
-        )
         eos = self.app.eos  # type: ignore[attr-defined]
-        if not records or not eos.enabled:
-            return records
-        # No await since the fetcher handed the records out, so no seek from this
-        # thread's loop ran in between; Faust's direct seek from the other thread is
-        # caught by the count, read after the positions.
+        if not eos.enabled:
+            return await super()._fetch_records(
+                consumer, active_partitions, timeout=timeout, max_records=max_records
+            )
+        runners = eos.runners
+        counts = self.seek_counts
+        # Read before the fetch: a fetch that began before the current assignment
+        # settled may have raced seeks this thread does not count (Faust's
+        # seek_to_committed during a recovery); its batches are never processed.
+        count = eos.unsettled_count
+        epoch = count if eos.settled_epoch == count else -1
         subscription = consumer._fetcher._subscriptions.subscription
         assignment = subscription.assignment if subscription is not None else None
-        if assignment is None:
+        before: dict[Any, tuple[int, int]] = {}
+        if assignment is not None and active_partitions:
+            for tp in active_partitions:
+                if tp.topic in runners:
+                    state = assignment.state_value(tp)
+                    if state is not None and state.has_valid_position:
+                        before[tp] = (state.position, counts.get(tp, 0))
+        records: Any = await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
+        subscription = consumer._fetcher._subscriptions.subscription
+        assignment = subscription.assignment if subscription is not None else None
+        if assignment is not None:
+            # A fetch whose records were all markers or aborted hands nothing out but
+            # still moves the position past them: tell the stage, as an empty batch,
+            # or its next batch would begin past where the partition stands.
+            for tp, (position, seeks) in before.items():
+                if tp in records or counts.get(tp, 0) != seeks:
+                    continue
+                state = assignment.state_value(tp)
+                if state is not None and state.has_valid_position and state.position > position:
+                    records[tp] = []
+        if not records:
             return records
-        notes: list[tuple[TP, list[int], int]] = []
-        for tp, batch in records.items():
-            if not batch or tp.topic not in eos.sources:
+        ledger = eos.ledger
+        for tp, batch in list(records.items()):
+            if tp.topic not in runners:
                 continue
-            state = assignment.state_value(tp)
-            if state is None or not state.has_valid_position:
-                continue
-            notes.append((TP(tp.topic, tp.partition), [r.offset for r in batch], state.position))
-        if self._seeks != seeks:
-            return records  # a position may be a seek target: learn nothing from this fetch
-        for tp, offsets, position in notes:
-            eos.ledger.note(tp, offsets, position)
+            fetched = Fetched(batch)
+            fetched.tp = TP(tp.topic, tp.partition)
+            fetched.epoch = epoch
+            fetched.behind = 0
+            seen = before.get(tp)
+            state = assignment.state_value(tp) if assignment is not None else None
+            seeks = counts.get(tp, 0)
+            if seen is None or state is None or not state.has_valid_position:
+                fetched.start = fetched.end = -1
+                fetched.seeks, fetched.certain = seeks, False
+            else:
+                fetched.start, fetched.seeks = seen
+                fetched.end = state.position
+                fetched.certain = seeks == seen[1]
+            if fetched.certain and batch:
+                ledger.note(fetched.tp, [r.offset for r in batch], fetched.end)
+            stable = consumer.last_stable_offset(tp)
+            fetched.behind = max(0, stable - fetched.end) if stable is not None else 0
+            records[tp] = fetched
         return records

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import TopicPartition
 from faust import current_event
@@ -46,6 +46,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
         super().__init__(transport, consumer=consumer, producer=producer, **kwargs)
         self.coordinator = self.app.eos  # type: ignore[attr-defined]
         self.coordinator.rewind = self.rewind
+        self.coordinator.emit_all = self.emit_all
+        self._by_source = self.coordinator.policy.on("route-by-source")
         self._producers: dict[str, TransactionalProducer] = {}
         #: source partitions this worker holds a transactional producer for
         self._held: set[TP] = set()
@@ -257,23 +259,6 @@ class ExactlyOnceTransactionManager(TransactionManager):
             # Not part of processing an event (a timer, a web view): nothing to be
             # atomic with, so it goes through the idempotent non-transactional producer.
             return await self.producer.send(topic, key, value, partition, timestamp, headers)
-        source = event.message.tp
-        if self.coordinator.policy.on("route-by-source"):
-            tp = source
-        else:
-            # Stock Faust: the destination partition picks the transaction; when the
-            # consumer has no metadata for the destination topic (it does not read it),
-            # there is no partition and the record goes out in no transaction at all.
-            p = self.consumer.key_partition(topic, key, partition)
-            if p is None:
-                return await self.producer.send(topic, key, value, partition, timestamp, headers)
-            tp = TP(source.topic, int(p))
-            partition = tp.partition
-        producer = self._producers.get(self.transactional_id(tp))
-        if producer is None:
-            fatal(f"no transaction open for {tp} (partition not assigned to this worker)")
-            raise AssertionError("unreachable")
-        st = self.coordinator.state(tp)
         record = OutRecord(
             topic,
             key,
@@ -283,6 +268,61 @@ class ExactlyOnceTransactionManager(TransactionManager):
             as_headers(headers),
             event.message.offset,
         )
+        return await self.emit(event.message.tp, record)
+
+    async def emit_all(
+        self, source: TP, records: list[OutRecord]
+    ) -> tuple[OutRecord, BaseException] | None:
+        """Put the outputs of a handled chunk of ``source`` into its transaction, in
+        order (held while it commits); the first record refused before it was queued
+        (larger than the producer may send, say) and why, or None."""
+        if not self._by_source:
+            for record in records:  # stock routing: per record, as Faust does
+                try:
+                    await self.emit(source, record)
+                except Exception as exc:
+                    return record, exc
+            return None
+        producer = self._producers.get(self.transactional_id(source))
+        if producer is None:
+            fatal(f"no transaction open for {source} (partition not assigned to this worker)")
+            raise AssertionError("unreachable")
+        st = self.coordinator.state(source)
+        part = self._partition(source)
+        for i, record in enumerate(records):
+            if st.holding:
+                # Held ones are never awaited by the stage: no future until sent.
+                st.held.extend(records[i:])
+                return None
+            try:
+                await produce(part, st, producer, record)
+            except Exception as exc:
+                return record, exc
+        return None
+
+    async def emit(self, source: TP, record: OutRecord) -> asyncio.Future[Any]:
+        """Put ``record``, made while processing a record of ``source``, into the
+        transaction of ``source`` (held, while that transaction commits)."""
+        if self._by_source:
+            tp = source
+        else:
+            # Stock Faust: the destination partition picks the transaction; when the
+            # consumer has no metadata for the destination topic (it does not read it),
+            # there is no partition and the record goes out in no transaction at all.
+            p = self.consumer.key_partition(record.topic, record.key, record.partition)
+            if p is None:
+                seconds = None if record.timestamp_ms is None else record.timestamp_ms / 1000
+                fut: Any = await self.producer.send(
+                    record.topic, record.key, record.value, None, seconds, record.headers
+                )
+                return cast("asyncio.Future[Any]", fut)
+            tp = TP(source.topic, int(p))
+            record.partition = tp.partition
+        producer = self._producers.get(self.transactional_id(tp))
+        if producer is None:
+            fatal(f"no transaction open for {tp} (partition not assigned to this worker)")
+            raise AssertionError("unreachable")
+        st = self.coordinator.state(tp)
         if st.holding:
             record.future = asyncio.get_running_loop().create_future()
             st.held.append(record)
@@ -448,5 +488,4 @@ class ExactlyOnceTransactionManager(TransactionManager):
         st.rewinding = False
         log.warning("%s: transaction aborted; processing again from offset %s", tp, target)
         if target is not None and coord.seek_wait is not None:
-            coord._keep_read_offset(tp, target)
             await coord._seek_quietly({tp: target})

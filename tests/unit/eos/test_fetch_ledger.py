@@ -118,44 +118,59 @@ class _Record:
         self.offset = offset
 
 
-async def test_the_consumer_thread_notes_fetches_and_skips_those_a_seek_overlapped(
+async def test_the_consumer_thread_makes_batches_and_trusts_none_a_seek_overlapped(
     monkeypatch: Any,
 ) -> None:
-    """What Faust's consumer thread hands out is noted with the position after it, except
-    when Faust seeked (from the event loop's thread) while the fetch was handed out:
-    then a position read may be the seek's target, and nothing is learnt."""
+    """Each fetch's source records become one batch per partition, with the position
+    before and after the fetch; a seek while the fetch ran (Faust seeks from the event
+    loop's thread) makes its batch untrusted, and the ledger learns nothing from it."""
     from aiokafka import TopicPartition
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    from pipeline.eos import Coordinator, LedgerConsumerThread
+    from pipeline.eos import BatchingConsumerThread, Coordinator, Fetched
+    from pipeline.eos.stage import Stage
     from pipeline.settings import Settings
 
     coord = Coordinator(Settings(app_id="t"))
-    coord.register_source(TP0.topic)
-    thread = LedgerConsumerThread.__new__(LedgerConsumerThread)
+    coord.add_stage(Stage("t", TP0.topic, lambda r, o: None, lambda r, why, o: None))
+    thread = BatchingConsumerThread.__new__(BatchingConsumerThread)
     thread.__dict__["app"] = SimpleNamespace(eos=coord)
     position = SimpleNamespace(has_valid_position=True, position=0)
     subscription = SimpleNamespace(assignment=SimpleNamespace(state_value=lambda tp: position))
     consumer = SimpleNamespace(
-        _fetcher=SimpleNamespace(_subscriptions=SimpleNamespace(subscription=subscription))
+        _fetcher=SimpleNamespace(_subscriptions=SimpleNamespace(subscription=subscription)),
+        last_stable_offset=lambda tp: 80,
     )
+    ktp = TopicPartition(TP0.topic, TP0.partition)
     fetches: list[tuple[list[int], int, bool]] = [
         ([0, 1, 2], 4, False),  # offset 3: a commit marker
         ([4, 5], 7, False),
         ([7, 9], 50, True),  # a seek to 50 lands while these are handed out
+        ([], 60, False),  # 50..59: markers and aborted records only, nothing handed out
     ]
 
     async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
         offsets, after, seek = fetches.pop(0)
         position.position = after
         if seek:
-            self.seek(TopicPartition(TP0.topic, TP0.partition), after)
-        return {TopicPartition(TP0.topic, TP0.partition): [_Record(o) for o in offsets]}
+            self.seek(ktp, after)
+        return {ktp: [_Record(o) for o in offsets]} if offsets else {}
 
     monkeypatch.setattr(AIOKafkaConsumerThread, "_fetch_records", fetch)
     monkeypatch.setattr(AIOKafkaConsumerThread, "seek", lambda self, tp, offset: None)
-    for _ in range(3):
-        await thread._fetch_records(consumer, set())
+    batches: list[Fetched] = []
+    for _ in range(4):
+        (batch,) = (await thread._fetch_records(consumer, {ktp})).values()
+        batches.append(batch)
+    shapes = [(b.start, b.end, [r.offset for r in b], b.seeks, b.certain) for b in batches]
+    assert shapes == [
+        (0, 4, [0, 1, 2], 0, True),
+        (4, 7, [4, 5], 0, True),
+        (7, 50, [7, 9], 0, False),
+        (50, 60, [], 1, True),  # the position moved: an empty batch says so
+    ]
+    assert [b.behind for b in batches] == [76, 73, 30, 20]
+    assert thread.seek_counts == {TP0: 1}
     assert coord.ledger.first_at_or_after(TP0, 3) == 4  # the marker, known from the fetch
     assert coord.ledger.first_at_or_after(TP0, 6) is None  # 7.. never noted: ask the broker
     assert coord.ledger.first_at_or_after(TP0, 20) is None

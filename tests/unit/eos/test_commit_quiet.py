@@ -1,4 +1,6 @@
-"""Early commits when the agents go quiet (``Coordinator.wait_quiet``), without a broker."""
+"""Early commits when the agents go quiet (``Coordinator.wait_quiet``), without a broker.
+
+That processed batches count as activity: ``tests/unit/eos/test_delivery.py``."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import asyncio
 
 from pipeline.eos import Coordinator
 from pipeline.settings import Settings
-from tests.unit.test_eos_admission import TP0, Stream, ev, make
 
 
 async def test_no_event_means_no_early_commit() -> None:
@@ -69,35 +70,3 @@ async def test_activity_during_the_wait_pushes_the_quiet_point() -> None:
     assert await coord.wait_quiet(0.02, started + 1.0)
     await task
     assert loop.time() - started >= 0.03 - 0.002
-
-
-def test_each_marks_processed_events_as_activity() -> None:
-    coord, _ = make({0, 1, 2}, committed=0)
-    assert not coord.activity.is_set()
-
-    async def go() -> list[int]:
-        stream = Stream()
-        stream.put(ev(0), ev(1))
-        stream.queue.put_nowait(None)
-        out = []
-        async for value in coord.each(stream):  # type: ignore[arg-type]
-            out.append(value)
-        return out
-
-    assert asyncio.run(go()) == [0, 1]
-    assert coord.activity.is_set()
-    assert coord.last_done > 0
-    assert coord.partitions[TP0].processed == 1
-
-
-def test_stale_deliveries_are_not_activity() -> None:
-    coord, _ = make({0, 1, 2}, committed=2)
-
-    async def go() -> list[int]:
-        stream = Stream()
-        stream.put(ev(0), ev(1))  # below the committed offset: skipped
-        stream.queue.put_nowait(None)
-        return [v async for v in coord.each(stream)]  # type: ignore[arg-type]
-
-    assert asyncio.run(go()) == []
-    assert not coord.activity.is_set()
