@@ -114,6 +114,12 @@ class _AppCollector(Collector):
             "Partitions resumed from the progress topic: the group's offset was gone",
             value=eos.progress_recoveries,
         )
+        yield CounterMetricFamily(
+            "pipeline_held_waits",
+            "Times processing of a partition waited for its commit: it held the most sends "
+            "a committing partition may hold",
+            value=eos.held_waits,
+        )
         gaps = CounterMetricFamily(
             "pipeline_offset_gap_checks",
             "Offset gaps checked before admitting a record, by where the answer came from",

@@ -164,7 +164,10 @@ async def commit_partition(
         rows = [(store, store.take_dirty(tp)) for store in stores]
         st.txn_events, st.events = st.events, 0
         # Without the quiesce fix (a test switch) sends go on into this transaction.
-        st.holding = quiesce
+        if quiesce:
+            st.hold()
+        else:
+            st.release()
     moves = offset is not None and (st.committed is None or offset > st.committed)
 
     await hooks.at_step(Step.CHANGELOG, tp, st)  # 2. changelog (and progress)
@@ -330,4 +333,4 @@ async def send_held(part: Partition, st: PartitionState, txn: Transaction) -> No
             if record.future is not None:  # a caller may await it (emit)
                 chain(fut, record.future)
     # No await since the loop saw the list empty: nothing can be held in between.
-    st.holding = False
+    st.release()

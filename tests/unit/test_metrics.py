@@ -43,6 +43,7 @@ def _app() -> SimpleNamespace:
         poison=1,
         unknown_checks=4,
         progress_recoveries=8,
+        held_waits=9,
         stalled_seconds=lambda: 12.5,
         # the coordinator's own restore of the active changelogs, under way
         restore_remaining={TP("dedup-changelog", 0): 5, TP("dedup-changelog", 1): 2},
@@ -91,6 +92,7 @@ def test_metrics_read_the_live_objects_at_scrape_time() -> None:
     assert first[("pipeline_poison_records_total", ())] == 1
     assert first[("pipeline_offset_checks_unknown_total", ())] == 4
     assert first[("pipeline_progress_recoveries_total", ())] == 8
+    assert first[("pipeline_held_waits_total", ())] == 9
     # Nothing is copied at registration: the next scrape sees the new values.
     app.stats.seen = 11
     app.rebalancing = True
