@@ -78,6 +78,20 @@ class Transaction(Protocol):
         headers: list[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[Any]: ...
 
+    async def put(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int | None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Like ``send``, but the future may be shared by the records of one producer
+        batch: it says when the record was delivered or refused, not its offset."""
+        ...
+
     def add_to_transaction(self, tp: TopicPartition) -> None: ...
 
     def flush_for_commit(self) -> Awaitable[None]: ...
@@ -176,27 +190,33 @@ async def commit_partition(
         # transaction: if the group's committed offsets are ever gone (expired while
         # every worker was down longer than offsets.retention.minutes), processing
         # resumes from here, not from the log start (Coordinator._fill_from_progress).
-        fut = await txn.send(
+        fut = await txn.put(
             part.progress.topic,
             value=str(offset).encode(),
             key=progress_key(tp),
             partition=part.progress.partition,
         )
-        st.pending.append(fut)
-        st.pending_from.append(None)
+        st.pending.setdefault(fut, None)
+    # Step 6 needs the changelog offset of each store's last row: only that row is sent
+    # with a future of its own.
     changelog: list[tuple[Store, asyncio.Future[Any]]] = []
     for store, items in rows:
-        for key, value in items:
-            fut = await txn.send(
-                store.changelog_topic_name, value=value, key=key, partition=tp.partition
-            )
-            changelog.append((store, fut))
-            st.pending.append(fut)
-            st.pending_from.append(None)
+        final = len(items) - 1
+        for i, (key, value) in enumerate(items):
+            if i == final:
+                fut = await txn.send(
+                    store.changelog_topic_name, value=value, key=key, partition=tp.partition
+                )
+                changelog.append((store, fut))
+            else:
+                fut = await txn.put(
+                    store.changelog_topic_name, value=value, key=key, partition=tp.partition
+                )
+            st.pending.setdefault(fut, None)
 
     await hooks.at_step(Step.DRAIN, tp, st)  # 3. drain
-    pending, st.pending = st.pending, []
-    made_by, st.pending_from = st.pending_from, []
+    sends, st.pending = st.pending, {}
+    pending, made_by = list(sends), list(sends.values())
     if policy.on("flush-before-commit") and not await _drain(tp, st, txn, pending, made_by, hooks):
         return Outcome.REWOUND
 
@@ -287,12 +307,16 @@ async def _drain(
 
 
 async def produce(
-    part: Partition, st: PartitionState, txn: Transaction, record: OutRecord
+    part: Partition, st: PartitionState, txn: Transaction, record: OutRecord, own: bool = False
 ) -> asyncio.Future[Any]:
-    """Hand ``record`` to the partition's open transaction; step 3 awaits the result."""
+    """Hand ``record`` to the partition's open transaction; step 3 awaits the result.
+
+    The future returned is the record's own (its result is the record's metadata) only
+    if ``own``; otherwise it may be shared by its producer batch (``Transaction.put``).
+    """
     if not st.pending:  # the transaction's first record
         _add_early(part, txn)
-    fut = await txn.send(
+    fut = await (txn.send if own else txn.put)(
         record.topic,
         value=record.value,
         key=record.key,
@@ -300,8 +324,9 @@ async def produce(
         timestamp_ms=record.timestamp_ms,
         headers=record.headers,
     )
-    st.pending.append(fut)
-    st.pending_from.append(record.source_offset)
+    # Records are made in offset order, so the first record of a batch is the earliest
+    # event a refusal of that batch can be blamed on.
+    st.pending.setdefault(fut, record.source_offset)
     return fut
 
 
@@ -329,7 +354,7 @@ async def send_held(part: Partition, st: PartitionState, txn: Transaction) -> No
     while st.held:
         batch, st.held = st.held, []
         for record in batch:
-            fut = await produce(part, st, txn, record)
+            fut = await produce(part, st, txn, record, own=record.future is not None)
             if record.future is not None:  # a caller may await it (emit)
                 chain(fut, record.future)
     # No await since the loop saw the list empty: nothing can be held in between.

@@ -931,10 +931,7 @@ class Coordinator:
         # A record the broker refused fails its send's future, and every later send of
         # that producer may then raise the same error: blame the event whose record was
         # refused, not the one that happened to send next.
-        sends = [
-            *zip(st.pending, st.pending_from, strict=True),
-            *zip(*st.draining, strict=True),
-        ]
+        sends = [*st.pending.items(), *zip(*st.draining, strict=True)]
         refused = [
             (o, f.exception())
             for f, o in sends

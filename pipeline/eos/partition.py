@@ -46,7 +46,12 @@ class PartitionState:
     hole: int | None = None
     watch: asyncio.Future[None] | None = None
     last_delivery: float = 0.0
-    pending: list[asyncio.Future[Any]] = field(default_factory=list)
+    #: the sends of the open transaction: per future, the source offset of the first
+    #: event whose record it carries (None: a changelog or progress row), so that a send
+    #: the broker refuses is blamed on its event. A future may be a whole producer
+    #: batch's (``Transaction.put``), in offset order: its first record's event is the
+    #: earliest one the refusal can be blamed on.
+    pending: dict[asyncio.Future[Any], int | None] = field(default_factory=dict)
     #: the commit step this partition's commit is at (for the stuck-commit warning)
     step: str = ""
     #: between a commit's snapshot and its next ``begin``, sends wait here (see
@@ -60,9 +65,6 @@ class PartitionState:
     #: transaction being committed holds: what the test-only fault filters look at
     events: int = 0
     txn_events: int = 0
-    #: per pending send, the source offset of the event that made it (None: a changelog
-    #: row), so that a send the broker refuses is blamed on its event
-    pending_from: list[int | None] = field(default_factory=list)
     #: where processing of this assignment started (the committed offset then)
     start: int | None = None
     #: an event failed: nothing of the partition is processed or committed until its

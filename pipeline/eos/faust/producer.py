@@ -10,6 +10,23 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 
+class _Settled:
+    """In place of a record's own future in aiokafka's batch (``put``): it reads as
+    already done, so the batch never resolves it, and no future or metadata is made."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return True
+
+
+_SETTLED = _Settled()
+
+
+def _settled() -> _Settled:
+    return _SETTLED
+
+
 class TransactionalProducer:
     """aiokafka's producer with one ``transactional.id``; the private members the commit
     and the sends need are reached here and nowhere else."""
@@ -78,6 +95,41 @@ class TransactionalProducer:
         )
         return fut
 
+    async def put(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int | None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Like :meth:`send`, but the future may be shared by every record of one
+        producer batch (it is the batch's): done when the batch is delivered, failed if
+        the batch is refused, and its result is not this record's offset.
+
+        The commit only needs to know when its sends are delivered, and which event made
+        a refused one. A future and a ``RecordMetadata`` per record cost about 2 µs per
+        send, and 100,000 of them were alive at once during a backlog.
+        """
+        batch = self._open_batch(topic, partition, key)
+        if batch is not None and (
+            batch.append(key, value, timestamp_ms, _create_future=_settled, headers=headers or [])
+            is not None
+        ):
+            batch_future: asyncio.Future[Any] = batch.future
+            return batch_future
+        fut: asyncio.Future[Any] = await self.producer.send(
+            topic,
+            value=value,
+            key=key,
+            partition=partition,
+            timestamp_ms=timestamp_ms,
+            headers=headers,
+        )
+        return fut
+
     def _append(
         self,
         topic: str,
@@ -99,6 +151,16 @@ class TransactionalProducer:
         which also added its partition to the transaction; a batch the commit's flush
         closed refuses the record, and ``send`` takes it.
         """
+        batch = self._open_batch(topic, partition, key)
+        if batch is None:
+            return None
+        fut: asyncio.Future[Any] | None = batch.append(
+            key, value, timestamp_ms, _create_future=self._new_future, headers=headers or []
+        )
+        return fut
+
+    def _open_batch(self, topic: str, partition: int | None, key: bytes | None) -> Any:
+        """aiokafka's open batch for the record's partition, or None."""
         if partition is None:
             if key is None:
                 return None  # a random partition: aiokafka picks it
@@ -113,10 +175,7 @@ class TransactionalProducer:
         batches = self._batches.get((topic, partition))
         if not batches:
             return None
-        fut: asyncio.Future[Any] | None = batches[-1].append(
-            key, value, timestamp_ms, _create_future=self._new_future, headers=headers or []
-        )
-        return fut
+        return batches[-1]
 
     def add_to_transaction(self, tp: TopicPartition) -> None:
         # aiokafka's (pinned <0.15) own hook: ``send`` calls the same method for the

@@ -327,7 +327,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
             record.future = asyncio.get_running_loop().create_future()
             st.held.append(record)
             return record.future
-        return await produce(self._partition(tp), st, producer, record)
+        # Its caller may read the record's metadata from the future: its own, then.
+        return await produce(self._partition(tp), st, producer, record, own=True)
 
     async def send_and_wait(
         self,
@@ -456,7 +457,6 @@ class ExactlyOnceTransactionManager(TransactionManager):
         for fut in st.pending:
             fut.add_done_callback(retrieve)
         st.pending.clear()
-        st.pending_from.clear()
         # A new producer with the same transactional.id, not abort_transaction(): after
         # the broker refused a batch, aiokafka 0.14's producer aborted fine but then
         # never delivered the next transaction's records (seen: a commit stuck at its

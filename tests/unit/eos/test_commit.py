@@ -38,12 +38,16 @@ class Boom(RuntimeError):
 
 class FakeTransaction:
     """A transactional producer that logs every call; ``fail_on`` names a call that
-    raises instead, ``refuse`` a topic whose sends the broker refuses."""
+    raises instead, ``refuse`` a topic (or ``refuse_tp`` one partition) whose sends the
+    broker refuses. ``put`` batches as aiokafka does: the records of one partition
+    share one future until the commit's flush sends them."""
 
     def __init__(self, log: list[tuple[Any, ...]], fail_on: str | None = None) -> None:
         self.log = log
         self.fail_on = fail_on
         self.refuse: str | None = None
+        self.refuse_tp: tuple[str, int | None] | None = None
+        self.batches: dict[tuple[str, int | None], asyncio.Future[Any]] = {}
         self.ends: defaultdict[tuple[str, int | None], int] = defaultdict(int)
         self.sender_task: asyncio.Future[Any] | None = None
 
@@ -72,10 +76,34 @@ class FakeTransaction:
             fut.set_result(SimpleNamespace(topic=topic, partition=partition, offset=offset))
         return fut
 
+    async def put(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int | None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        self._call("send", topic, key, value)
+        self.ends[topic, partition] += 1
+        fut = self.batches.get((topic, partition))
+        if fut is None:
+            fut = self.batches[topic, partition] = asyncio.get_running_loop().create_future()
+        return fut
+
     def add_to_transaction(self, tp: TopicPartition) -> None:
         self.log.append(("add", tp.topic))
 
     async def flush_for_commit(self) -> None:
+        # The batches go out whether or not the flush call then fails.
+        batches, self.batches = self.batches, {}
+        for (topic, partition), fut in batches.items():
+            if topic == self.refuse or (topic, partition) == self.refuse_tp:
+                fut.set_exception(Boom(f"{topic} refused the record"))
+            else:
+                fut.set_result(SimpleNamespace(topic=topic, partition=partition, offset=None))
         self._call("flush")
 
     async def send_offsets_to_transaction(
@@ -295,7 +323,7 @@ async def test_sends_held_during_the_commit_go_into_the_next_transaction_in_orde
     assert all(f.done() and f.result().topic == "t-commit-out" for f in held)
     assert [f.result().offset for f in held] == [2, 3, 4, 5]  # after the first two outputs
     assert not st.holding and st.held == []
-    assert st.pending_from == [43, 44, 45, 46]  # the next transaction's sends, blamed right
+    assert list(st.pending.values()) == [43, 44, 45, 46]  # the next transaction's sends
 
 
 async def _async(fn: Any, *args: Any) -> None:
@@ -317,6 +345,28 @@ async def test_a_refused_send_blames_its_event_and_rewinds_instead_of_committing
     assert hooks.rewound == 1
     assert not any(entry[0] in ("offsets", "commit", "begin") for entry in log)
     assert _committed_rows(store) == {}
+    assert st.committed is None
+
+
+async def test_a_refused_batch_blames_the_first_event_whose_record_it_carries(
+    store: TransactionalStore,
+) -> None:
+    log: list[tuple[Any, ...]] = []
+    txn, hooks, st, part = FakeTransaction(log), FakeHooks(log), PartitionState(), _part(store)
+    txn.refuse_tp = ("t-commit-out", 1)
+    for offset, partition in ((41, 0), (42, 1), (43, 0), (44, 1)):
+        await produce(
+            part, st, txn, OutRecord("t-commit-out", b"k", b"out", partition, None, None, offset)
+        )
+        st.processed = offset
+        st.events += 1
+    # One future per batch, each with the first event whose record it carries.
+    assert sorted(v for v in st.pending.values() if v is not None) == [41, 42]
+
+    outcome = await commit_partition(part, st, txn, EXACTLY_ONCE, hooks)
+
+    assert outcome is Outcome.REWOUND
+    assert hooks.blamed == [(42, "t-commit-out refused the record")]
     assert st.committed is None
 
 
