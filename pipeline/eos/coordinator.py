@@ -835,13 +835,17 @@ class Coordinator:
             self.skipped += skip
         quiesce = self._quiesce
         out = Out(tp)
+        rewound = st.rewound
         for i in range(0, len(records), SLICE):
             chunk = records[i : i + SLICE]
             if st.holding and len(st.held) >= HELD_MAX:
                 self.held_waits += 1
                 await st.unheld.wait()
             async with st.gate if quiesce else NO_GATE:
-                if not self._current(tp, st, batch.epoch) or st.rewinding:
+                # A rewind may have begun, or begun and ended, while this batch waited:
+                # the partition went back to its last commit and fetches from there, so
+                # none of this batch's later records may be handled now.
+                if not self._current(tp, st, batch.epoch) or st.rewinding or st.rewound != rewound:
                     return
                 done = self._apply(stage, tp, st, chunk, out)
                 if done < len(chunk):

@@ -74,6 +74,9 @@ class PartitionState:
     failures: dict[int, tuple[int, str]] = field(default_factory=dict)
     #: aborts for failed events since the last commit (see MAX_REWINDS_WITHOUT_COMMIT)
     rewinds_in_a_row: int = 0
+    #: rewinds done: a batch whose processing was suspended (at its emit, or waiting for
+    #: a commit, see HELD_MAX) across one must not go on with its later records
+    rewound: int = 0
     #: the sends a commit awaits at its drain step, with the offsets of their events
     draining: tuple[list[asyncio.Future[Any]], list[int | None]] = field(
         default_factory=lambda: ([], [])

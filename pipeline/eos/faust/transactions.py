@@ -483,6 +483,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
         st.events = 0
         st.hole = None
         st.expected = target
+        st.rewound += 1
         st.step = ""
         coord.rewinds += 1
         st.rewinding = False

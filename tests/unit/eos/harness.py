@@ -19,7 +19,7 @@ from faust.types import TP
 
 from pipeline.eos.coordinator import Coordinator
 from pipeline.eos.delivery import Fetched
-from pipeline.eos.partition import OutRecord, PartitionState
+from pipeline.eos.partition import OutRecord, PartitionState, fail_held
 from pipeline.eos.stage import Out, Stage
 from pipeline.settings import Settings
 
@@ -149,8 +149,10 @@ class Rewinder:
 
     async def __call__(self, tp: TP, st: PartitionState) -> None:
         self.calls += 1
+        fail_held(st, "its transaction was aborted")
         st.processed = None
         st.expected = st.committed if st.committed is not None else st.start
+        st.rewound += 1
         st.rewinding = False
         assert st.expected is not None
         await self.consumer.seek_wait({tp: st.expected})

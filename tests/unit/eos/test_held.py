@@ -10,7 +10,7 @@ import asyncio
 from pipeline.eos.coordinator import HELD_MAX, SLICE
 from pipeline.eos.partition import OutRecord
 
-from .harness import TP0, Handled, deliver, finished, settled, until
+from .harness import TP0, Handled, Rewinder, deliver, finished, settled, until
 
 
 class HoldingEmit:
@@ -56,6 +56,37 @@ def test_processing_waits_for_the_commit_once_the_held_sends_reach_the_bound() -
     asyncio.run(go())
     assert handled.offsets == list(range(total))
     assert st.processed == total - 1
+
+
+def test_a_batch_waiting_for_the_commit_stops_if_the_partition_was_rewound_meanwhile() -> None:
+    """The commit fails (a refused batch, say): the partition is rewound to its last
+    commit, which releases the held sends. The batch that waited must not go on with its
+    later records, even though, once it runs again, the rewind is over: the partition
+    fetches them again from the last commit (seen in a chaos run as events handled
+    twice, the second time against state that already held the first)."""
+    total = HELD_MAX + 2 * SLICE
+    coord, consumer = settled(range(total), committed=0, end=total)
+    handled = Handled()
+    stage = handled.stage()
+    coord.emit_all = HoldingEmit(coord)
+    rewind = Rewinder(coord, consumer)
+    st = coord.partitions[TP0]
+
+    async def go() -> None:
+        st.hold()
+        batch = consumer.fetch(total)
+        batch.epoch = coord.unsettled_count
+        task = asyncio.ensure_future(coord._process(stage, batch))
+        await until(lambda: coord.held_waits == 1, "processing to wait for the commit")
+        st.rewinding = True
+        await rewind(TP0, st)  # all of it, before the waiting batch runs again
+        assert not st.rewinding and st.expected == 0
+        await finished(task, "the waiting batch")
+
+    asyncio.run(go())
+    assert handled.offsets == list(range(HELD_MAX))  # nothing past the wait
+    assert st.processed is None and st.expected == 0
+    assert consumer.seeks[-1] == 0  # fetched again from the last commit
 
 
 def test_a_partition_not_holding_never_waits() -> None:
