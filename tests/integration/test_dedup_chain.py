@@ -205,9 +205,17 @@ async def test_crash_at_commit_step(
     worker.start()
     await wait_drained(settings, [worker], timeout=180)
     if step is Step.PERSIST:
-        # Committed but never written to RocksDB: the restart restored it from the changelog.
-        restarted = worker.log_path.read_text(errors="replace").rsplit("=== start #", 1)[-1]
-        assert re.search(r"restored [1-9]\d* changelog records", restarted), restarted[-3000:]
+        # Committed but never written to RocksDB: the restart restores it from the
+        # changelog. Everything was committed before the restart, so the wait above can
+        # end while the worker is still starting (seen under load): wait for the line.
+        deadline = time.monotonic() + 180
+        while True:
+            restarted = worker.log_path.read_text(errors="replace").rsplit("=== start #", 1)[-1]
+            found = re.search(r"restored [1-9]\d* changelog records", restarted)
+            if found or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert found, restarted[-3000:]
     await _check(settings, 5000)
 
 
