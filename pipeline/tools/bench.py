@@ -107,6 +107,49 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def _broker_pid() -> int | None:
+    """The local broker's process, if this machine runs it (``scripts/kafka`` writes its
+    pid file); ``PIPELINE_BENCH_BROKER_PID`` names another. None for a remote broker."""
+    named = os.environ.get("PIPELINE_BENCH_BROKER_PID")
+    if named:
+        pid = int(named)
+    else:
+        home = Path(os.environ.get("KAFKA_HOME", "/tmp/pipeline-kafka"))
+        try:
+            pid = int((home / "broker.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+    try:
+        # A stale pid file may name some other process by now.
+        if b"kafka" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+    except OSError:
+        return None
+    return pid
+
+
+class _BrokerCpu:
+    """The broker's CPU seconds over an interval, or None where it cannot be read."""
+
+    def __init__(self) -> None:
+        self.pid = _broker_pid()
+        self.start = self._now()
+
+    def _now(self) -> float | None:
+        if self.pid is None:
+            return None
+        try:
+            return _cpu_seconds(self.pid)
+        except OSError:
+            return None
+
+    def per_100k(self, events: int) -> float | None:
+        end = self._now()
+        if self.start is None or end is None or events <= 0:
+            return None
+        return round((end - self.start) / events * 100_000, 2)
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -251,6 +294,7 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         pid = worker.proc.pid
         t0 = time.monotonic()
         cpu0 = _cpu_seconds(pid)
+        broker = _BrokerCpu()
         seen0 = int((worker.stats() or {}).get("seen", 0))  # type: ignore[call-overload]
         while True:
             # The dedup stage alone commits only orders.raw; the full chain every stage.
@@ -262,6 +306,13 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
             await asyncio.sleep(0.1)
         seconds = time.monotonic() - t0
         cpu = _cpu_seconds(pid) - cpu0
+        if plan.count - seen0 <= 0:
+            # All of the backlog went by before the first reading: nothing to time.
+            raise RuntimeError(
+                f"{name} handled all {plan.count} events before the clock started; "
+                "use a larger --count"
+            )
+        broker_cpu = broker.per_100k(plan.count - seen0)
         out = s.topic_changes if stages == "all" else s.topic_unique
         p50, p99, matched = await latency(s.bootstrap_servers, s.topic_raw, out, plan, tag)
         rss = _peak_rss_mb(pid)
@@ -278,6 +329,7 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         p50_ms=p50,
         p99_ms=p99,
         cpu_s_per_100k=round(cpu / handled * 100_000, 2),
+        broker_cpu_s_per_100k=broker_cpu,
         peak_rss_mb=round(rss, 1),
         first_commit_s=to_first_commit,
         config={
@@ -342,6 +394,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         first = await asyncio.wait_for(_first_line(proc.stdout), timeout=180)
         if first is None:
             raise RuntimeError(f"{system} exited: {log.read_text(errors='replace')[-3000:]}")
+        broker = _BrokerCpu()
         if system == RAW:
             # The loop says when it committed its last input record itself.
             last = await asyncio.wait_for(_first_line(proc.stdout, "drained"), timeout=600)
@@ -360,6 +413,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
             end, cpu_end = time.monotonic(), _cpu_seconds(proc.pid)
         seconds = end - first["first"]
         cpu = cpu_end - first["cpu"]
+        broker_cpu = broker.per_100k(plan.count)
         p50, p99, matched = await latency(bootstrap, raw, unique, plan, tag)
         rss = _peak_rss_mb(proc.pid)
     finally:
@@ -380,6 +434,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         p50_ms=p50,
         p99_ms=p99,
         cpu_s_per_100k=round(cpu / plan.count * 100_000, 2),
+        broker_cpu_s_per_100k=broker_cpu,
         peak_rss_mb=round(rss, 1),
         first_commit_s=to_first_commit,
         config=config,

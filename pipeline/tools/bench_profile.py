@@ -104,10 +104,35 @@ async def profile(
             await asyncio.sleep(0.1)
         seconds, cpu = time.monotonic() - t0, _cpu_seconds(pid) - cpu0
         await sampler.wait()
+        # What the engine did meanwhile: commit rounds, early (quiet) commits, waits for
+        # a commit with HELD_MAX sends held, and the commits' durations.
+        counters = await asyncio.to_thread(_engine_counters, worker.web_port)
+        if counters:
+            print("engine counters at the end:\n" + counters)
     finally:
         worker.stop()
         await drop_topics(s.bootstrap_servers, tag)
     return args.count - seen0, seconds, cpu
+
+
+ENGINE_COUNTERS = (
+    "pipeline_commits_total",
+    "pipeline_quiet_commits_total",
+    "pipeline_held_waits_total",
+    "pipeline_commit_seconds{",
+    "pipeline_partition_rewinds_total",
+)
+
+
+def _engine_counters(port: int) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return ""
+    return "\n".join(f"  {line}" for line in text.splitlines() if line.startswith(ENGINE_COUNTERS))
 
 
 def main() -> int:

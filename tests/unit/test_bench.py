@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import orjson
 import pytest
 
+from pipeline.tools.bench import _broker_pid, _BrokerCpu
 from pipeline.tools.bench_raw import Counts, handle
 from pipeline.tools.bench_stats import Run, percentile, ratios, render_table, spread, summarize
 from pipeline.tools.generate import generate
@@ -60,8 +65,10 @@ def test_table_shows_median_and_range_per_system() -> None:
     table = render_table(results).splitlines()
     assert table[0].startswith("| system | runs | events/s")
     assert table[0].endswith("| start to first commit s |")
-    assert table[2] == "| a | 3 | 200 (100-300) | 10 | 60 (50-70) | 5.0 | n/a | 3.0 (2.5-4.2) |"
-    assert table[3] == "| b | 1 | 50 | 10 | n/a | 5.0 | n/a | n/a |"
+    assert table[2] == (
+        "| a | 3 | 200 (100-300) | 10 | 60 (50-70) | 5.0 | n/a | n/a | 3.0 (2.5-4.2) |"
+    )
+    assert table[3] == "| b | 1 | 50 | 10 | n/a | 5.0 | n/a | n/a | n/a |"
 
 
 def test_raw_loop_counts_in_equal_counts_out() -> None:
@@ -154,3 +161,33 @@ def test_only_selects_systems_by_key() -> None:
     assert selected("dedup-eos, quix") == {DEDUP.format("exactly_once"), QUIX}
     with pytest.raises(SystemExit, match="unknown"):
         selected("dedup-eos,nope")
+
+
+def test_broker_cpu_is_read_only_from_a_process_that_is_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pid file of ``scripts/kafka`` can outlive its broker, and the pid be reused:
+    a process whose command line does not name Kafka is not measured."""
+    monkeypatch.delenv("PIPELINE_BENCH_BROKER_PID", raising=False)
+    monkeypatch.setenv("KAFKA_HOME", str(tmp_path))
+    assert _broker_pid() is None  # no pid file
+    sleep = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
+    other = subprocess.Popen([*sleep, "not-the-broker"], stdout=subprocess.PIPE)
+    broker = subprocess.Popen([*sleep, "kafka.Kafka", "server.properties"], stdout=subprocess.PIPE)
+    try:
+        # Until a child has printed, its command line may still be its parent's.
+        for p in (other, broker):
+            assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        (tmp_path / "broker.pid").write_text(f"{other.pid}\n")
+        assert _broker_pid() is None
+        assert _BrokerCpu().per_100k(1000) is None
+        (tmp_path / "broker.pid").write_text(f"{broker.pid}\n")
+        assert _broker_pid() == broker.pid
+        measured = _BrokerCpu().per_100k(1000)
+        assert measured is not None and measured >= 0
+        monkeypatch.setenv("PIPELINE_BENCH_BROKER_PID", str(other.pid))
+        assert _broker_pid() is None
+    finally:
+        for p in (other, broker):
+            p.kill()
+            p.wait()
