@@ -8,6 +8,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+
+from pipeline.eos.partitioner import partition_for
 
 
 class _Settled:
@@ -31,7 +34,7 @@ class TransactionalProducer:
     """aiokafka's producer with one ``transactional.id``; the private members the commit
     and the sends need are reached here and nowhere else."""
 
-    __slots__ = ("_batches", "_new_future", "_partitions", "producer")
+    __slots__ = ("_batches", "_default_partitioner", "_new_future", "_partitions", "producer")
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
@@ -41,6 +44,9 @@ class TransactionalProducer:
         #: transaction (see :meth:`begin_transaction`)
         self._partitions: dict[str, list[int]] = {}
         self._new_future: Callable[[], asyncio.Future[Any]] | None = None
+        # aiokafka's default partitioner, which partition_for equals (a word at a time
+        # rather than a byte): a partitioner the producer was given is asked instead.
+        self._default_partitioner = type(producer._partitioner) is DefaultPartitioner
 
     @classmethod
     def like_faust(cls, faust_producer: Any, tid: str, linger_s: float) -> TransactionalProducer:
@@ -171,7 +177,10 @@ class TransactionalProducer:
                     return None
                 # The list aiokafka's ``_partition`` hands its partitioner.
                 parts = self._partitions[topic] = list(known)
-            partition = self.producer._partitioner(key, parts, parts)
+            if self._default_partitioner:
+                partition = partition_for(key, parts)
+            else:
+                partition = self.producer._partitioner(key, parts, parts)
         batches = self._batches.get((topic, partition))
         if not batches:
             return None
