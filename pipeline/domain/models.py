@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -63,8 +63,15 @@ _TYPES = {t.value: t for t in EventType}
 _NEEDS_AMOUNT = frozenset({EventType.ORDER_CREATED, EventType.PAYMENT_RECEIVED})
 
 
-@dataclass(frozen=True, slots=True)
-class OrderEvent:
+class OrderEvent(NamedTuple):
+    """One valid event of ``orders.raw``.
+
+    Immutable, like every value the pure operators pass around. A named tuple rather
+    than a frozen dataclass: every event is built once per hop that reads it, and a
+    frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field) took 1.1 µs
+    of the 2.7 µs ``parse_event`` spent on a record here; a tuple is built in one call.
+    """
+
     event_id: str
     type: EventType
     order_id: str
@@ -108,7 +115,10 @@ def _id_error(name: str, value: object) -> str | None:
 
 
 def _control_error(name: str, value: str) -> str | None:
-    if _CONTROL.isdisjoint(value):
+    # Every control character is unprintable, so a printable id has none; the set
+    # decides for the rest (an id may hold other unprintable characters, such as
+    # U+00A0, which the contract allows). isprintable runs in C, a set test per char not.
+    if value.isprintable() or _CONTROL.isdisjoint(value):
         return None
     at = next(i for i, c in enumerate(value) if c in _CONTROL)
     return f"field '{name}' has a control character (U+{ord(value[at]):04X} at {at})"
@@ -165,11 +175,7 @@ def parse_event(raw: bytes | None, key: bytes | None = None) -> OrderEvent | Bad
             return BadInput("key is not UTF-8")
         if key_text != order_id:
             return BadInput(f"key {excerpt(key)} does not equal order_id {excerpt(order_id)}")
-    return OrderEvent(
-        event_id=doc["event_id"],
-        type=etype,
-        order_id=order_id,
-        ts_ms=int(ts),  # type: ignore[arg-type]  # checked by _is_int above
-        user_id=user_id,
-        amount_cents=amount,
-    )
+    # Positional: a named tuple built by keyword takes twice as long. ts is an int
+    # (checked by _is_int above).
+    ts_ms: int = ts  # type: ignore[assignment]
+    return OrderEvent(doc["event_id"], etype, order_id, ts_ms, user_id, amount)

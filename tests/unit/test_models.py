@@ -19,6 +19,7 @@ from pipeline.domain.models import (
     BadInput,
     EventType,
     OrderEvent,
+    _control_error,
     parse_event,
 )
 
@@ -386,3 +387,13 @@ def order_events(draw: st.DrawFn) -> OrderEvent:
 def test_encode_round_trip(ev: OrderEvent, keyed: bool) -> None:
     key = ev.order_id.encode() if keyed else None
     assert parse_event(ev.encode(), key) == ev
+
+
+@given(st.text(max_size=40))
+@example("\u00a0\u2028\u200b\U000e0001")  # unprintable, but not control characters
+@example("ok\x7f")
+def test_the_control_character_check_is_exact_for_any_text(text: str) -> None:
+    """The printable fast path must neither let a control character through nor flag
+    text without one, unprintable characters the contract allows included."""
+    has_control = any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    assert (_control_error("id", text) is not None) == has_control
