@@ -1,7 +1,7 @@
 """Where a worker's time goes: one worker on a backlog, sampled with py-spy.
 
 ``python -m pipeline.tools.bench_profile [--guarantee exactly_once] [--stages dedup]
-[--count 40000] [--seconds 15] [--out prof.txt]`` produces a backlog on topics of its
+[--count 40000] [--seconds 15] [--out prof.txt] [--gil]`` produces a backlog on topics of its
 own, starts one worker, samples it with ``py-spy record`` (the ``profile`` extra) while
 it works through the backlog, prints events/s and CPU per event, and a breakdown of the
 samples by activity. The raw stacks (py-spy's collapsed format) stay in ``--out`` for a
@@ -85,6 +85,8 @@ async def profile(
         t0, cpu0 = time.monotonic(), _cpu_seconds(pid)
         seen0 = int((worker.stats() or {}).get("seen", 0))  # type: ignore[call-overload]
         spy_args = ["record", "-r", "100", "-d", str(args.seconds), "-p", str(pid)]
+        if args.gil:
+            spy_args.append("--gil")
         sampler = await asyncio.create_subprocess_exec(
             spy,
             *spy_args,
@@ -142,6 +144,13 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=40_000)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--out", default="profile.txt")
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL: where the CPU of a process whose "
+        "threads wait for the GIL goes (without it, a thread waiting for the GIL is "
+        "counted where it waits)",
+    )
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():

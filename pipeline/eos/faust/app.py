@@ -6,6 +6,7 @@ from __future__ import annotations
 import faust
 from faust.types import TransportT
 
+from pipeline.eos import collector
 from pipeline.eos.coordinator import Coordinator
 from pipeline.eos.faust.consumer import SettlingConsumer
 from pipeline.eos.faust.transactions import ExactlyOnceTransactionManager
@@ -16,6 +17,12 @@ class EngineApp(faust.App):
     starts (:func:`pipeline.factory.create_app`)."""
 
     eos: Coordinator
+
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        # Everything the worker needs for its life is built by now (the modules, the
+        # app, its agents and tables): see pipeline.eos.collector.
+        collector.settle()
 
     def _new_transport(self) -> TransportT:
         # Overrides a private factory method: the only hook where the transport's
