@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pipeline.domain.route import DeadLetter, route_record
 
@@ -65,8 +66,9 @@ def decode_seen(raw: bytes | None) -> list[int]:
     return [int.from_bytes(raw[i : i + _TS], "big", signed=True) for i in range(0, len(raw), _TS)]
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """(A named tuple: one per record; see :class:`pipeline.domain.route.Rekey`.)"""
+
     unique: bool
     #: the id's new state: its live accepted arrivals (unchanged for a duplicate)
     accepted: list[int]
@@ -83,10 +85,12 @@ def decide(
     """Is a copy that arrived at ``arrival_ms`` new? ``accepted``: the stored arrivals of
     its id's accepted copies; ``stream_ms``: the partition's stream time, this copy
     included."""
+    if not accepted:  # an id not seen (or swept): most copies
+        return Verdict(True, [arrival_ms])
     live = [a for a in accepted if not expired(a, stream_ms, window_ms, grace_ms)]
     if any(abs(arrival_ms - a) < window_ms for a in live):
-        return Verdict(unique=False, accepted=accepted)
-    return Verdict(unique=True, accepted=sorted([*live, arrival_ms]))
+        return Verdict(False, accepted)
+    return Verdict(True, sorted([*live, arrival_ms]))
 
 
 def removable(accepted: list[int], stream_ms: int, window_ms: int, grace_ms: int) -> bool:

@@ -92,6 +92,19 @@ class Transaction(Protocol):
         batch: it says when the record was delivered or refused, not its offset."""
         ...
 
+    def put_now(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp_ms: int | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> asyncio.Future[Any] | None:
+        """``put`` without waiting, if the record can join an open producer batch at
+        once; None if not (then ``put``)."""
+        ...
+
     def add_to_transaction(self, tp: TopicPartition) -> None: ...
 
     def flush_for_commit(self) -> Awaitable[None]: ...
@@ -201,17 +214,16 @@ async def commit_partition(
     # with a future of its own.
     changelog: list[tuple[Store, asyncio.Future[Any]]] = []
     for store, items in rows:
-        final = len(items) - 1
+        topic, final = store.changelog_topic_name, len(items) - 1
         for i, (key, value) in enumerate(items):
             if i == final:
-                fut = await txn.send(
-                    store.changelog_topic_name, value=value, key=key, partition=tp.partition
-                )
+                fut = await txn.send(topic, value=value, key=key, partition=tp.partition)
                 changelog.append((store, fut))
             else:
-                fut = await txn.put(
-                    store.changelog_topic_name, value=value, key=key, partition=tp.partition
-                )
+                now = txn.put_now(topic, key, value, tp.partition, None, None)
+                if now is None:
+                    now = await txn.put(topic, value=value, key=key, partition=tp.partition)
+                fut = now
             st.pending.setdefault(fut, None)
 
     await hooks.at_step(Step.DRAIN, tp, st)  # 3. drain
@@ -328,6 +340,31 @@ async def produce(
     # event a refusal of that batch can be blamed on.
     st.pending.setdefault(fut, record.source_offset)
     return fut
+
+
+def produce_now(st: PartitionState, txn: Transaction, record: OutRecord) -> bool:
+    """:func:`produce` without a coroutine, when the record can join an open producer
+    batch at once (``Transaction.put_now``): True if it did. A transaction's first record
+    always goes through :func:`produce`, which registers the changelog partitions first.
+
+    Most outputs take this path, which saves two coroutines per output record
+    (``produce`` and ``put``).
+    """
+    pending = st.pending
+    if not pending:
+        return False
+    fut = txn.put_now(
+        record.topic,
+        record.key,
+        record.value,
+        record.partition,
+        record.timestamp_ms,
+        record.headers,
+    )
+    if fut is None:
+        return False
+    pending.setdefault(fut, record.source_offset)
+    return True
 
 
 def _add_early(part: Partition, txn: Transaction) -> None:

@@ -33,9 +33,12 @@ explained where it is done. Outside this package the project uses public API onl
     15. aiokafka's ``_sender.sender_task``.
     16. aiokafka's ``_message_accumulator._batches``, ``MessageBatch.append`` (with its
         ``_create_future`` argument) and ``_partitioner``: a record goes straight into
-        its partition's open batch, without ``send``'s per-call checks. ``put`` hands
-        ``_create_future`` a placeholder that reads as done, so that the batch makes no
-        future for the record, and returns the batch's ``future`` instead.
+        its partition's open batch, without ``send``'s per-call checks. ``put`` (and
+        ``put_now``, the same without a coroutine) hands ``_create_future`` a
+        placeholder that reads as done, so that the batch makes no future for the
+        record, and returns the batch's ``future`` instead. ``_partitioner`` is only
+        asked when it is not aiokafka's default, whose murmur2 ``pipeline.eos.partitioner``
+        computes a word at a time.
 ``store.py`` (subclasses of Faust's RocksDB ``Store`` and of ``faust.Table``)
     17. ``Store._set``, ``_del``, ``_get`` and ``_contains`` overridden (the overlay).
     18. ``Store._db_for_partition``, ``_dbs`` and ``_key_index`` read or written.

@@ -119,13 +119,9 @@ class TransactionalProducer:
         a refused one. A future and a ``RecordMetadata`` per record cost about 2 µs per
         send, and 100,000 of them were alive at once during a backlog.
         """
-        batch = self._open_batch(topic, partition, key)
-        if batch is not None and (
-            batch.append(key, value, timestamp_ms, _create_future=_settled, headers=headers or [])
-            is not None
-        ):
-            batch_future: asyncio.Future[Any] = batch.future
-            return batch_future
+        now = self.put_now(topic, key, value, partition, timestamp_ms, headers)
+        if now is not None:
+            return now
         fut: asyncio.Future[Any] = await self.producer.send(
             topic,
             value=value,
@@ -135,6 +131,28 @@ class TransactionalProducer:
             headers=headers,
         )
         return fut
+
+    def put_now(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp_ms: int | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> asyncio.Future[Any] | None:
+        """:meth:`put` without a coroutine: the future, if the record joined its
+        partition's open batch; None if it could not (no open batch, or it is full)."""
+        batch = self._open_batch(topic, partition, key)
+        if batch is None:
+            return None
+        appended = batch.append(
+            key, value, timestamp_ms, _create_future=_settled, headers=headers or []
+        )
+        if appended is not None:
+            batch_future: asyncio.Future[Any] = batch.future
+            return batch_future
+        return None
 
     def _append(
         self,

@@ -23,7 +23,14 @@ from faust.transport.consumer import TransactionManager
 from faust.types import TP
 from faust.types.tuples import RecordMetadata
 
-from pipeline.eos.commit import Partition, Transaction, commit_partition, produce, send_held
+from pipeline.eos.commit import (
+    Partition,
+    Transaction,
+    commit_partition,
+    produce,
+    produce_now,
+    send_held,
+)
 from pipeline.eos.coordinator import Coordinator
 from pipeline.eos.faust.producer import TransactionalProducer
 from pipeline.eos.partition import OutRecord, PartitionState, as_headers, fail_held, retrieve
@@ -295,7 +302,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
                 st.held.extend(records[i:])
                 return None
             try:
-                await produce(part, st, producer, record)
+                if not produce_now(st, producer, record):
+                    await produce(part, st, producer, record)
             except Exception as exc:
                 return record, exc
         return None

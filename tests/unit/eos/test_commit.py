@@ -19,7 +19,7 @@ import pytest
 from aiokafka import TopicPartition
 from faust.types import TP
 
-from pipeline.eos.commit import Outcome, Partition, commit_partition, produce
+from pipeline.eos.commit import Outcome, Partition, commit_partition, produce, produce_now
 from pipeline.eos.faust.store import TransactionalStore
 from pipeline.eos.partition import OutRecord, PartitionState
 from pipeline.eos.policy import COMMIT_STEPS, FIXES, Policy, Step
@@ -91,6 +91,23 @@ class FakeTransaction:
         fut = self.batches.get((topic, partition))
         if fut is None:
             fut = self.batches[topic, partition] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def put_now(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp_ms: int | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> asyncio.Future[Any] | None:
+        # As aiokafka's: only a batch that ``put`` opened takes a record at once.
+        fut = self.batches.get((topic, partition))
+        if fut is None:
+            return None
+        self._call("send", topic, key, value)
+        self.ends[topic, partition] += 1
         return fut
 
     def add_to_transaction(self, tp: TopicPartition) -> None:
@@ -368,6 +385,34 @@ async def test_a_refused_batch_blames_the_first_event_whose_record_it_carries(
     assert outcome is Outcome.REWOUND
     assert hooks.blamed == [(42, "t-commit-out refused the record")]
     assert st.committed is None
+
+
+async def test_records_that_join_an_open_batch_at_once_keep_the_blame_of_its_first(
+    store: TransactionalStore,
+) -> None:
+    """The engine's path (emit_all): ``produce_now`` first, ``produce`` when no batch is
+    open. The first record of a transaction, and the first of each partition, open
+    batches; the rest join them at once, and a refusal still blames the earliest."""
+    log: list[tuple[Any, ...]] = []
+    txn, hooks, st, part = FakeTransaction(log), FakeHooks(log), PartitionState(), _part(store)
+    txn.refuse_tp = ("t-commit-out", 1)
+    joined = []
+    for offset, partition in ((41, 0), (42, 1), (43, 0), (44, 1), (45, 0)):
+        record = OutRecord("t-commit-out", b"k", b"out", partition, None, None, offset)
+        if produce_now(st, txn, record):
+            joined.append(offset)
+        else:
+            await produce(part, st, txn, record)
+        st.processed = offset
+        st.events += 1
+    assert joined == [43, 44, 45]  # 41 opened the transaction, 42 partition 1's batch
+    assert sorted(v for v in st.pending.values() if v is not None) == [41, 42]
+    assert [e[3] for e in log if e[0] == "send"] == [b"out"] * 5  # none lost, none twice
+
+    outcome = await commit_partition(part, st, txn, EXACTLY_ONCE, hooks)
+
+    assert outcome is Outcome.REWOUND
+    assert hooks.blamed == [(42, "t-commit-out refused the record")]
 
 
 async def test_a_partition_whose_event_failed_is_not_committed(store: TransactionalStore) -> None:
