@@ -32,6 +32,16 @@ _FAUST_ENV = (
 )
 
 
+#: At most this many records per poll: two stage queues' worth
+#: (``pipeline.eos.coordinator.QUEUE_HIGH``). Measured on a 200,000-event backlog
+#: (docs/benchmarks.md, "Records per poll"): peak RSS of the dedup stage's worker
+#: 184-185 -> 136-137 MB, of the full chain's 248-257 -> 185-189 MB, CPU per event
+#: unchanged; at 2,000 the memory was the same and the CPU per event 10-20% higher.
+#: The fetch size stays Faust's 1 MB per partition: at 256 kB the dedup stage lost a
+#: third of its events/s.
+MAX_POLL_RECORDS = 4_000
+
+
 class PipelineApp(EngineApp):
     """``faust.App`` with our exactly-once engine (:class:`EngineApp`) and topic bootstrap."""
 
@@ -148,6 +158,11 @@ def create_app(settings: Settings) -> PipelineApp:
         producer_linger=0.005,
         # Faust's default (1,000,000 bytes) refused valid events of up to 1 MiB.
         producer_max_request_size=LARGE_MESSAGE_BYTES,
+        # Records one poll of the consumer hands out. Faust's default (no limit) handed
+        # out everything fetched: up to 1 MB per partition, so tens of thousands of
+        # records parsed into Python objects at once on a backlog, most of them
+        # waiting for a stage's queue. See MAX_POLL_RECORDS.
+        broker_max_poll_records=MAX_POLL_RECORDS,
     )
     app.settings = settings
     app.eos = Coordinator(settings)

@@ -17,9 +17,8 @@ show the gap is real; ``PIPELINE_DISABLE_FIX=name,...`` turns fixes off):
     event is then lost). Here table writes stay in a per-partition overlay and reach
     RocksDB only after the Kafka transaction committed, in one write batch together
     with the changelog offset they correspond to. The state of a partition taken over
-    is restored by ``Coordinator.restore`` (:mod:`pipeline.eos.coordinator`) with a
-    consumer of its own, not by Faust's recovery, whose reads through the shared
-    consumer can skip a range.
+    is restored by :mod:`pipeline.eos.restore` with a consumer of its own, not by
+    Faust's recovery, whose reads through the shared consumer can skip a range.
 ``fatal-commit``
     Commit, begin and abort errors other than ``ProducerFenced`` are logged and
     swallowed; the worker goes on with a broken transaction. Here any failure in the
@@ -55,8 +54,12 @@ One module per guarantee; every touch of a Faust, mode or aiokafka internal is i
                   writes and outputs through ``out``
 ``delivery``      fetched batches and the rule that delivers each committed record
                   once, in order (:func:`~pipeline.eos.delivery.admit`)
-``coordinator``   the stages' batch loop, restore and settling after a rebalance,
-                  liveness, a record's failure handling
+``restore``       a taken-over partition's tables brought up to their changelogs' end,
+                  with a consumer of the engine's own
+``coordinator``   the stages' batch loop, settling after a rebalance, liveness, a
+                  record's failure handling
+``partitioner``   Kafka's default partitioner (murmur2), a word at a time
+``collector``     the garbage collector's settings for a worker
 ``faults``        test-only fault points at the commit steps
 ``faust/``        the adapter: the transaction manager, consumer, producer and store
                   subclasses and wrappers

@@ -1,6 +1,7 @@
 """The coordinator of one app's exactly-once processing: the partition registry, the
-admission of delivered records (in order, once, from the committed offset), restore
-and settling after a rebalance, liveness, and an event's failure handling.
+admission of delivered records (in order, once, from the committed offset), settling
+after a rebalance (restore itself: :mod:`pipeline.eos.restore`), liveness, and an
+event's failure handling.
 
 Shared by the agents (:meth:`Coordinator.run`), the tables and the transaction manager
 (:mod:`pipeline.eos.faust.transactions`), which reaches it as ``app.eos``.
@@ -25,6 +26,7 @@ from pipeline.eos.delivery import CheckUnknown, Fetched, FetchLedger, KnownRecor
 from pipeline.eos.faults import Faults
 from pipeline.eos.partition import NO_GATE, OutRecord, PartitionState, progress_key
 from pipeline.eos.policy import CHECK_TIMEOUT_S, MAX_ATTEMPTS, Policy, fatal
+from pipeline.eos.restore import Restorer
 from pipeline.eos.stage import Out, Stage
 from pipeline.kafka_io import last_record_end
 
@@ -156,11 +158,7 @@ class Coordinator:
         self._settling: asyncio.Future[None] | None = None
         #: changelog topics of transactional stores (see :meth:`restores_changelog`)
         self._changelog_names: set[str] = set()
-        self._restorer: Any = None
-        self._restore_lock = asyncio.Lock()
-        #: per owned changelog partition, records still to restore (for /metrics)
-        self.restore_remaining: dict[TP, int] = {}
-        self.restored_records = 0
+        self.restorer = Restorer(lambda: self._reader(auto_offset_reset="earliest"))
         #: called once processing may start after a rebalance (recovery duration metric)
         self.on_settled: Callable[[], None] | None = None
         self._offsets_reader: Any = None
@@ -392,79 +390,22 @@ class Coordinator:
         return tp.topic in self._changelog_names
 
     async def restore(self, epoch: int) -> bool:
-        """Bring the state of every owned partition up to its changelog's end.
-
-        Each changelog partition is read with a consumer of our own (``read_committed``,
-        no group), from the record after the store's persisted offset to the end, and
-        each fetch is written to RocksDB in one write batch together with the offset of
-        its last record. One consumer, one seek, every record in order: the persisted
-        offset can only ever mean "applied up to here". Faust's recovery is told there
-        is nothing to read for these partitions (``SettlingConsumer.highwaters``): it
-        reads through the shared consumer, where stale fetches and its read-offset
-        filter can skip a range (see ``TransactionalStore.apply_changelog_batch``).
-
-        The end offsets are asked after this worker's ``InitProducerId`` for each
-        source partition (``ExactlyOnceTransactionManager._acquire``), which waited for
-        the previous owner's last transaction to complete or abort: nothing can be
-        appended behind them. Returns ``False`` when a rebalance began meanwhile; what
-        was written stays valid, and that rebalance's restore goes on from it.
-        """
+        """Bring the state of every owned partition up to its changelog's end
+        (:mod:`pipeline.eos.restore`); ``False`` when a rebalance began meanwhile."""
         owned = self.owned_changelogs()
         self._disown()
         for tp, store in owned.items():
             store.owned.add(tp.partition)
-        if not owned:
-            return True
-        started = time.monotonic()
-        count = 0
-        async with self._restore_lock:
-            consumer = await self._restore_consumer()
-            try:
-                ktps = {TopicPartition(tp.topic, tp.partition): tp for tp in owned}
-                consumer.assign(list(ktps))
-                ends = await consumer.end_offsets(list(ktps))
-                begins = await consumer.beginning_offsets(list(ktps))
-                pending: dict[TopicPartition, int] = {}
-                for ktp, tp in ktps.items():
-                    persisted = owned[tp].persisted_offset(tp)
-                    start = max(int(begins[ktp]), 0 if persisted is None else persisted + 1)
-                    if start < int(ends[ktp]):
-                        consumer.seek(ktp, start)
-                        pending[ktp] = int(ends[ktp])
-                        self.restore_remaining[tp] = int(ends[ktp]) - start
-                while pending:
-                    if epoch != self.unsettled_count:
-                        log.info("a rebalance began while restoring (%d records applied)", count)
-                        return False
-                    batches = await consumer.getmany(*pending, timeout_ms=500, max_records=20_000)
-                    for ktp, records in batches.items():
-                        if records:
-                            tp = ktps[ktp]
-                            rows = [(m.key, m.value) for m in records]
-                            owned[tp].restore(tp.partition, rows, int(records[-1].offset))
-                            count += len(records)
-                    for ktp in list(pending):
-                        left = pending[ktp] - await consumer.position(ktp)
-                        self.restore_remaining[ktps[ktp]] = max(0, left)
-                        if left <= 0:
-                            del pending[ktp]
-            finally:
-                self.restore_remaining = {}
-                consumer.unsubscribe()  # or its fetcher goes on prefetching them
-        self.restored_records += count
-        if count:
-            log.info(
-                "restored %d changelog records of %d partitions in %.2f s",
-                count,
-                len(owned),
-                time.monotonic() - started,
-            )
-        return True
+        return await self.restorer.restore(owned, lambda: epoch == self.unsettled_count)
 
-    async def _restore_consumer(self) -> Any:
-        if self._restorer is None:
-            self._restorer = await self._reader(auto_offset_reset="earliest")
-        return self._restorer
+    @property
+    def restore_remaining(self) -> dict[TP, int]:
+        """Per owned changelog partition, records still to restore (for /metrics)."""
+        return self.restorer.remaining
+
+    @property
+    def restored_records(self) -> int:
+        return self.restorer.records
 
     async def _reader(self, **extra: Any) -> Any:
         """A started ``read_committed`` consumer outside the group (it never subscribes)."""
@@ -752,9 +693,7 @@ class Coordinator:
         if self._offsets_reader is not None:
             await self._offsets_reader.stop()
             self._offsets_reader = None
-        if self._restorer is not None:
-            await self._restorer.stop()
-            self._restorer = None
+        await self.restorer.close()
 
     def _current(self, tp: TP, st: PartitionState, epoch: int) -> bool:
         """Still the same assignment as when the batch arrived?"""
