@@ -43,6 +43,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.admin import LARGE_CONFIG, RAW_CONFIG, drop_topics, ensure_topics
+from pipeline.factory import MAX_POLL_RECORDS
 from pipeline.kafka_io import committed_offsets, partitions_of, produce
 from pipeline.settings import Settings
 from pipeline.tools.bench_stats import Run, percentile, render_ratios, render_table
@@ -337,8 +338,9 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
             "commit_quiet_ms": round(settings.commit_quiet_s * 1000, 1),
             "stages": stages,
             "latency_events_matched": matched,
-            "batches": "stream buffer 4096 (Faust's default); at_least_once: Faust's "
-            "producer, linger 5 ms, max_batch 16 kB; exactly_once: one transactional "
+            "batches": f"at most {MAX_POLL_RECORDS} records per poll; at_least_once: "
+            "Faust's streams (buffer 4096) and producer, linger 5 ms, max_batch 16 kB; "
+            "exactly_once: each fetched batch straight to its stage, one transactional "
             "producer per source partition, linger = the commit interval, max_batch "
             "256 kB, flushed at each commit (pipeline/eos/faust/producer.py)",
         },
