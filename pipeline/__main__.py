@@ -78,13 +78,22 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if done >= total else 1
 
 
-def _partition_count(text: str) -> int:
-    n = int(text)
-    # Kafka allows more, but one worker owning more than this many transactional
-    # producers (one per source partition) is not a benchmark of anything we ship.
-    if not 1 <= n <= 1024:
-        raise argparse.ArgumentTypeError(f"partitions must be 1..1024, not {n}")
-    return n
+def _partition_counts(text: str) -> list[int]:
+    """``8`` or ``8,64``: one partition count, or several run side by side."""
+    counts = []
+    for part in text.split(","):
+        try:
+            n = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a partition count: {part!r}") from None
+        # Kafka allows more, but one worker owning more than this many transactional
+        # producers (one per source partition) is not a benchmark of anything we ship.
+        if not 1 <= n <= 1024:
+            raise argparse.ArgumentTypeError(f"partitions must be 1..1024, not {n}")
+        if n in counts:
+            raise argparse.ArgumentTypeError(f"partition count {n} given twice")
+        counts.append(n)
+    return counts
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -158,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--partitions",
-        type=_partition_count,
-        default=8,
-        help="partitions of every topic of the workload (8)",
+        type=_partition_counts,
+        default=[8],
+        help="partitions of every topic of the workload (8); several, comma-separated "
+        "(8,64), run every system at each count in the same invocation, with ratios",
     )
     p.set_defaults(func=_bench)
 

@@ -35,7 +35,8 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -88,6 +89,24 @@ PAIRS = (
     (FULL.format("exactly_once"), FULL.format("at_least_once")),
     (RAW, KCONS),
 )
+
+
+def label(system: str, partitions: int, counts: Sequence[int]) -> str:
+    """A system's name in the results: with its partition count when several are run."""
+    return system if len(counts) == 1 else f"{system}, {partitions} partitions"
+
+
+def ratio_pairs(counts: Sequence[int]) -> list[tuple[str, str]]:
+    """The pairs whose throughput ratio is printed: :data:`PAIRS` at each partition
+    count, and each system at every other count against itself at the first."""
+    pairs = [(label(a, n, counts), label(b, n, counts)) for n in counts for a, b in PAIRS]
+    systems = dict.fromkeys(name for pair in PAIRS for name in pair)
+    pairs += [
+        (label(system, n, counts), label(system, counts[0], counts))
+        for n in counts[1:]
+        for system in systems
+    ]
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -572,8 +591,13 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     started = time.time()
     load0 = os.getloadavg()
 
+    counts: list[int] = list(args.partitions)
+
+    def labelled(system: str, partitions: int) -> str:
+        return label(system, partitions, counts)
+
     async def go(workdir: Path) -> None:
-        plan = Plan(
+        base = Plan(
             count=count,
             runs=runs,
             commit_ms=round(settings.commit_interval_s * 1000),
@@ -582,31 +606,33 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             lat_seconds=3.0 if quick else 10.0,
             quix_python=quix,
             workdir=workdir,
-            partitions=args.partitions,
         )
-        for i in range(runs):
+        for i, partitions in ((i, p) for i in range(runs) for p in counts):
+            plan = replace(base, partitions=partitions)
             jobs: list[tuple[str, object]] = [
-                (RAW, lambda: run_process(RAW, plan, settings)),
+                (RAW, lambda plan=plan: run_process(RAW, plan, settings)),
                 *(
                     (
                         (FULL if st == "all" else DEDUP).format(g),
-                        lambda g=g, st=st: run_chain(g, st, settings, plan),
+                        lambda g=g, st=st, plan=plan: run_chain(g, st, settings, plan),
                     )
                     for st in ("dedup", "all")
                     for g in ("at_least_once", "exactly_once")
                 ),
             ]
             if quix:
-                jobs.append((QUIX, lambda: run_process(QUIX, plan, settings)))
+                jobs.append((QUIX, lambda plan=plan: run_process(QUIX, plan, settings)))
             if only is not None:
                 jobs = [(name, job) for name, job in jobs if name in only]
             for name, job in jobs:
                 try:
                     r = await job()  # type: ignore[operator]
                 except Exception as exc:
+                    name = labelled(name, partitions)
                     print(f"  run {i + 1}/{runs} {name}: FAILED {exc}", flush=True)
                     skipped.append(f"{name} run {i + 1}: {str(exc)[:2000]}")
                     continue
+                r.system = labelled(r.system, partitions)
                 results.setdefault(r.system, []).append(r)
                 print(
                     f"  run {i + 1}/{runs} {r.system}: {r.events_per_s:.0f} events/s, "
@@ -616,6 +642,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             if only is not None and "kafka" not in only:
                 continue
             for r in await run_kafka_tools(plan, settings):
+                r.system = labelled(r.system, partitions)
                 results.setdefault(r.system, []).append(r)
                 print(f"  run {i + 1}/{runs} {r.system}: {r.events_per_s:.0f} events/s")
 
@@ -632,7 +659,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             outbox.append(asyncio.run(bench_outbox(db_url, count, settings)))
             print(f"  run {i + 1}/{runs} outbox and sink: {outbox[-1]}", flush=True)
     load1 = os.getloadavg()
-    report = render(results, count, runs, settings, skipped, args.partitions)
+    report = render(results, count, runs, settings, skipped, counts)
     if outbox:
         report += "\n\n" + render_outbox(outbox, db_url or "")
     report += (
@@ -646,7 +673,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 {
                     "count": count,
                     "runs": runs,
-                    "partitions": args.partitions,
+                    "partitions": counts,
                     "commit_interval_s": settings.commit_interval_s,
                     "loadavg_before": load0,
                     "loadavg_after": load1,
@@ -683,11 +710,12 @@ def render(
     runs: int,
     settings: Settings,
     skipped: list[str],
-    partitions: int = 8,
+    partitions: Sequence[int] = (8,),
 ) -> str:
     lines = [
         f"Workload: {count} events (30% duplicates, 1% bad, 5% of orders with an illegal "
-        f"event, ~200-byte JSON), {partitions} partitions, one process per system, commit interval "
+        f"event, ~200-byte JSON), {' and '.join(map(str, partitions))} partitions, one process "
+        "per system, commit interval "
         f"{settings.commit_interval_s} s (our workers also commit once quiet for "
         f"{settings.commit_quiet_s} s), {runs} run(s) per system: median (min-max).",
         "Latency: 100 events/s trickle after the backlog, send -> output visible to a "
@@ -696,7 +724,7 @@ def render(
         render_table(results),
         "",
         "Ratios of median throughput:",
-        render_ratios(results, PAIRS),
+        render_ratios(results, ratio_pairs(partitions)),
         "",
         "Configuration per system:",
     ]

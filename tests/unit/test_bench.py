@@ -11,7 +11,15 @@ import pytest
 
 from pipeline.tools.bench import _broker_pid, _BrokerCpu
 from pipeline.tools.bench_raw import Counts, handle
-from pipeline.tools.bench_stats import Run, percentile, ratios, render_table, spread, summarize
+from pipeline.tools.bench_stats import (
+    Run,
+    percentile,
+    ratios,
+    render_ratios,
+    render_table,
+    spread,
+    summarize,
+)
 from pipeline.tools.generate import generate
 
 
@@ -191,3 +199,34 @@ def test_broker_cpu_is_read_only_from_a_process_that_is_the_broker(
         for p in (other, broker):
             p.kill()
             p.wait()
+
+
+def test_several_partition_counts_are_labelled_and_compared_in_one_invocation() -> None:
+    from pipeline.tools.bench import DEDUP, QUIX, label, ratio_pairs
+
+    eos = DEDUP.format("exactly_once")
+    assert label(eos, 8, [8]) == eos  # one count: the names stay as they were
+    assert label(eos, 64, [8, 64]) == f"{eos}, 64 partitions"
+    pairs = ratio_pairs([8, 64])
+    assert (f"{eos}, 8 partitions", f"{QUIX}, 8 partitions") in pairs
+    assert (f"{eos}, 64 partitions", f"{QUIX}, 64 partitions") in pairs
+    # Each system at 64 against itself at 8, in the same run.
+    assert (f"{eos}, 64 partitions", f"{eos}, 8 partitions") in pairs
+    assert all(a != b for a, b in pairs)
+    results = {
+        f"{eos}, 8 partitions": [_run(f"{eos}, 8 partitions", 200)],
+        f"{eos}, 64 partitions": [_run(f"{eos}, 64 partitions", 170)],
+    }
+    assert f"- {eos}, 64 partitions / {eos}, 8 partitions: 0.85" in render_ratios(results, pairs)
+
+
+def test_the_partitions_option_takes_one_count_or_several() -> None:
+    import argparse
+
+    from pipeline.__main__ import _partition_counts
+
+    assert _partition_counts("8") == [8]
+    assert _partition_counts("8,64") == [8, 64]
+    for bad in ("0", "1025", "8,8", "eight", "8,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _partition_counts(bad)
