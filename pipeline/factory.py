@@ -149,8 +149,10 @@ def create_app(settings: Settings) -> PipelineApp:
         broker_commit_interval=settings.commit_interval_s,
         consumer_auto_offset_reset="earliest",
         web_port=settings.web_port,
+        # Faust's web_host is the advertised address (its canonical URL, which other
+        # workers' table_route views send requests to); web_bind is what it listens on.
         web_bind=settings.web_host,
-        web_host=settings.web_host,
+        web_host=settings.advertised_web_host,
         # A worker killed with -9 must lose its partitions within seconds, not 60.
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=1.0,

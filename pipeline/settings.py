@@ -8,17 +8,22 @@ silently override what an operator configured here.
 
 from __future__ import annotations
 
+import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Guarantee(StrEnum):
     EXACTLY_ONCE = "exactly_once"
     AT_LEAST_ONCE = "at_least_once"
+
+
+#: bind addresses that mean "every interface": never an address to reach a worker at
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 
 class Settings(BaseSettings):
@@ -52,7 +57,14 @@ class Settings(BaseSettings):
     #: A worker that stops heartbeating loses its partitions after this long (seconds).
     session_timeout_s: float = Field(default=10.0, ge=6.0)
     web_port: int = 6066
+    #: The address the web server binds to. Loopback by default: the views serve
+    #: business data. ``0.0.0.0`` (every interface) is for a container.
     web_host: str = "127.0.0.1"
+    #: The address other workers and clients reach this worker's views at: where a view
+    #: asked for a key another worker owns sends the request (Faust's ``table_route``
+    #: reads each worker's advertised URL). Default: ``web_host``, or this machine's host
+    #: name when ``web_host`` is every interface, which no other machine can reach.
+    web_advertised_host: str | None = None
     #: Test-only: name of a commit step at which the worker calls ``os._exit``.
     crash_at: str | None = None
     #: Test-only: name of a commit step that fails (the transaction is aborted and an
@@ -96,6 +108,25 @@ class Settings(BaseSettings):
     topic_deltas: str | None = None
     #: the input rekeyed by order_id (internal); default "<app_id>-raw-by-order"
     topic_by_order: str | None = None
+
+    @field_validator("web_advertised_host")
+    @classmethod
+    def _reachable(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value.strip() in WILDCARD_HOSTS):
+            raise ValueError(
+                f"PIPELINE_WEB_ADVERTISED_HOST must be an address other workers can reach, "
+                f"not {value!r}"
+            )
+        return value.strip() if value is not None else None
+
+    @property
+    def advertised_web_host(self) -> str:
+        """Where other workers and clients reach this worker's web views."""
+        if self.web_advertised_host is not None:
+            return self.web_advertised_host
+        if self.web_host in WILDCARD_HOSTS:
+            return socket.gethostname()
+        return self.web_host
 
     @property
     def bootstrap_servers(self) -> str:

@@ -3,9 +3,11 @@ from Faust's own environment variables."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.factory import MAX_POLL_RECORDS, create_app
 from pipeline.settings import Settings
@@ -35,3 +37,33 @@ def test_fausts_own_environment_variables_do_not_apply(
     assert app.conf.web_port == 6123
     assert app.conf.broker_max_poll_records == MAX_POLL_RECORDS
     assert app.conf.broker_commit_interval == settings.commit_interval_s
+
+
+def test_views_bind_to_loopback_and_advertise_it_by_default(tmp_path: Path) -> None:
+    app = create_app(Settings(app_id="t-factory", datadir=tmp_path, web_port=6124))
+    assert app.conf.web_bind == "127.0.0.1"
+    assert str(app.conf.canonical_url) == "http://127.0.0.1:6124"
+
+
+def test_a_worker_bound_to_every_interface_advertises_a_reachable_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bound to 0.0.0.0, a worker advertised "http://0.0.0.0:port" to the others, where
+    # a view asked for a key it does not own sends the request: no other machine gets
+    # there. Without an advertised address it is now the host name.
+    monkeypatch.setattr(socket, "gethostname", lambda: "worker-7.internal")
+    s = Settings(app_id="t-factory", datadir=tmp_path, web_host="0.0.0.0", web_port=6125)
+    app = create_app(s)
+    assert app.conf.web_bind == "0.0.0.0"
+    assert str(app.conf.canonical_url) == "http://worker-7.internal:6125"
+
+    monkeypatch.setenv("PIPELINE_WEB_ADVERTISED_HOST", "127.0.0.2")
+    app = create_app(Settings(app_id="t-factory", datadir=tmp_path, web_host="0.0.0.0"))
+    assert app.conf.web_bind == "0.0.0.0"
+    assert str(app.conf.canonical_url) == "http://127.0.0.2:6066"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "  "])
+def test_an_advertised_address_nobody_can_reach_is_refused(host: str, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="PIPELINE_WEB_ADVERTISED_HOST"):
+        Settings(datadir=tmp_path, web_advertised_host=host)
