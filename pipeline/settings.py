@@ -121,12 +121,16 @@ class Settings(BaseSettings):
 
     @property
     def advertised_web_host(self) -> str:
-        """Where other workers and clients reach this worker's web views."""
+        """Where other workers and clients reach this worker's web views, as the host
+        part of a URL (an IPv6 address in brackets: Faust builds the URL by joining
+        host and port with a colon)."""
         if self.web_advertised_host is not None:
-            return self.web_advertised_host
-        if self.web_host in WILDCARD_HOSTS:
-            return socket.gethostname()
-        return self.web_host
+            host = self.web_advertised_host
+        elif self.web_host in WILDCARD_HOSTS:
+            host = socket.gethostname()
+        else:
+            host = self.web_host
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
     @property
     def bootstrap_servers(self) -> str:

@@ -63,6 +63,25 @@ def test_a_worker_bound_to_every_interface_advertises_a_reachable_address(
     assert str(app.conf.canonical_url) == "http://127.0.0.2:6066"
 
 
+@pytest.mark.parametrize(
+    ("bind", "advertised", "url"),
+    [
+        ("::1", None, "http://[::1]:6066"),
+        ("0.0.0.0", "fd00::5", "http://[fd00::5]:6066"),
+        ("0.0.0.0", "[fd00::5]", "http://[fd00::5]:6066"),
+    ],
+)
+def test_an_ipv6_address_is_advertised_in_brackets(
+    bind: str, advertised: str | None, url: str, tmp_path: Path
+) -> None:
+    s = Settings(
+        app_id="t-factory", datadir=tmp_path, web_host=bind, web_advertised_host=advertised
+    )
+    app = create_app(s)
+    assert app.conf.web_bind == bind
+    assert str(app.conf.canonical_url) == url
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "  "])
 def test_an_advertised_address_nobody_can_reach_is_refused(host: str, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="PIPELINE_WEB_ADVERTISED_HOST"):
