@@ -153,6 +153,10 @@ def create_app(settings: Settings) -> PipelineApp:
         # workers' table_route views send requests to); web_bind is what it listens on.
         web_bind=settings.web_host,
         web_host=settings.advertised_web_host,
+        # Faust's own /router and /table pages (on by default in Faust): off unless
+        # asked for (PIPELINE_WEB_FAUST_PAGES).
+        web_router_enabled=settings.web_faust_pages,
+        web_tables_enabled=settings.web_faust_pages,
         # A worker killed with -9 must lose its partitions within seconds, not 60.
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=1.0,

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     #: reads each worker's advertised URL). Default: ``web_host``, or this machine's host
     #: name when ``web_host`` is every interface, which no other machine can reach.
     web_advertised_host: str | None = None
+    #: Serve Faust's own pages too: ``/router`` (which worker owns what) and ``/table``
+    #: (any table's raw rows, for any key). Off: they bypass the views' validation
+    #: and answer with business data nobody asked this app to publish.
+    web_faust_pages: bool = False
     #: Test-only: name of a commit step at which the worker calls ``os._exit``.
     crash_at: str | None = None
     #: Test-only: name of a commit step that fails (the transaction is aborted and an

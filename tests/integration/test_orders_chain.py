@@ -130,6 +130,12 @@ async def test_full_chain_two_workers_killed_repeatedly(
         status, body = await _get(session, f"http://127.0.0.1:{b.web_port}/users/nobody/balance")
         assert status == 404
 
+        # Faust's own pages are off (PIPELINE_WEB_FAUST_PAGES): no raw table rows and
+        # no routing table behind the views' back.
+        for path in ("/router/", "/table/orders/", "/table/users.balances/"):
+            async with session.get(f"http://127.0.0.1:{a.web_port}{path}") as resp:
+                assert resp.status == 404, (path, resp.status, await resp.text())
+
         # /metrics: Prometheus text with the same counters as /stats.
         for w in workers:
             st = w.stats()

@@ -86,3 +86,13 @@ def test_an_ipv6_address_is_advertised_in_brackets(
 def test_an_advertised_address_nobody_can_reach_is_refused(host: str, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="PIPELINE_WEB_ADVERTISED_HOST"):
         Settings(datadir=tmp_path, web_advertised_host=host)
+
+
+def test_fausts_own_table_and_router_pages_are_off_unless_asked_for(tmp_path: Path) -> None:
+    app = create_app(Settings(app_id="t-factory", datadir=tmp_path))
+    assert not app.conf.web_router_enabled and not app.conf.web_tables_enabled
+    served = [prefix for prefix, _ in app.web.blueprints._enabled]
+    assert "/router" not in served and "/table" not in served
+    on = create_app(Settings(app_id="t-factory", datadir=tmp_path, web_faust_pages=True))
+    served = [prefix for prefix, _ in on.web.blueprints._enabled]
+    assert "/router" in served and "/table" in served
