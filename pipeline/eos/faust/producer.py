@@ -88,18 +88,10 @@ class TransactionalProducer:
         timestamp_ms: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[Any]:
-        fut = self._append(topic, partition, key, value, timestamp_ms, headers)
+        fut = self._append(topic, key, value, partition, timestamp_ms, headers)
         if fut is not None:
             return fut
-        fut = await self.producer.send(
-            topic,
-            value=value,
-            key=key,
-            partition=partition,
-            timestamp_ms=timestamp_ms,
-            headers=headers,
-        )
-        return fut
+        return await self._send(topic, key, value, partition, timestamp_ms, headers)
 
     async def put(
         self,
@@ -119,18 +111,10 @@ class TransactionalProducer:
         a refused one. A future and a ``RecordMetadata`` per record cost about 2 µs per
         send, and 100,000 of them were alive at once during a backlog.
         """
-        now = self.put_now(topic, key, value, partition, timestamp_ms, headers)
-        if now is not None:
-            return now
-        fut: asyncio.Future[Any] = await self.producer.send(
-            topic,
-            value=value,
-            key=key,
-            partition=partition,
-            timestamp_ms=timestamp_ms,
-            headers=headers,
-        )
-        return fut
+        fut = self.put_now(topic, key, value, partition, timestamp_ms, headers)
+        if fut is not None:
+            return fut
+        return await self._send(topic, key, value, partition, timestamp_ms, headers)
 
     def put_now(
         self,
@@ -157,9 +141,9 @@ class TransactionalProducer:
     def _append(
         self,
         topic: str,
-        partition: int | None,
         key: bytes | None,
         value: bytes | None,
+        partition: int | None,
         timestamp_ms: int | None,
         headers: list[tuple[str, bytes]] | None,
     ) -> asyncio.Future[Any] | None:
@@ -180,6 +164,27 @@ class TransactionalProducer:
             return None
         fut: asyncio.Future[Any] | None = batch.append(
             key, value, timestamp_ms, _create_future=self._new_future, headers=headers or []
+        )
+        return fut
+
+    async def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp_ms: int | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> asyncio.Future[Any]:
+        """aiokafka's own ``send``, for a record no open batch took: it makes the batch
+        (and adds the partition to the transaction), or waits for room."""
+        fut: asyncio.Future[Any] = await self.producer.send(
+            topic,
+            value=value,
+            key=key,
+            partition=partition,
+            timestamp_ms=timestamp_ms,
+            headers=headers,
         )
         return fut
 
