@@ -100,6 +100,12 @@ class _AppCollector(Collector):
             value=eos.rewinds,
         )
         yield CounterMetricFamily(
+            "pipeline_partitions_fenced",
+            "Partitions given up because another producer took their transactional id "
+            "(a new owner, or the broker after a transaction timed out)",
+            value=eos.fences,
+        )
+        yield CounterMetricFamily(
             "pipeline_poison_records",
             "Events dead-lettered after failing every attempt",
             value=eos.poison,

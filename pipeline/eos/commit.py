@@ -59,7 +59,7 @@ from pipeline.eos.partition import (
     progress_key,
     retrieve,
 )
-from pipeline.eos.policy import Policy, Step
+from pipeline.eos.policy import Policy, Step, is_fence
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ class Transaction(Protocol):
 
     @property
     def sender_task(self) -> asyncio.Future[Any] | None: ...
+
+    @property
+    def fenced(self) -> bool:
+        """Whether another producer took this one's transactional id."""
+        ...
 
     async def send_offsets_to_transaction(
         self, offsets: dict[TopicPartition, int], group_id: str
@@ -304,6 +309,17 @@ async def _drain(
     first_error = refused[0][1] if refused else None
     if st.rewinding:
         pass  # counted already, by the failure of the event that sent next
+    elif txn.fenced or any(is_fence(e) for _, e in refused):
+        # Another producer owns the transactional id now. No event is to blame, and
+        # the abort gives the partition up rather than fencing that owner in turn with
+        # a new producer of ours.
+        log.warning(
+            "%s: the partition's producer was fenced; the transaction is dropped and the "
+            "partition given up until the group assigns it again",
+            tp,
+        )
+        st.fenced = True
+        st.rewinding = True
     elif blamed is not None and first_error is not None:
         hooks.blame(tp, st, blamed, first_error)
     else:

@@ -25,7 +25,7 @@ from pipeline.domain.models import excerpt
 from pipeline.eos.delivery import CheckUnknown, Fetched, FetchLedger, KnownRecords, Verdict, admit
 from pipeline.eos.faults import Faults
 from pipeline.eos.partition import NO_GATE, OutRecord, PartitionState, progress_key
-from pipeline.eos.policy import CHECK_TIMEOUT_S, MAX_ATTEMPTS, Policy, fatal
+from pipeline.eos.policy import CHECK_TIMEOUT_S, MAX_ATTEMPTS, Policy, fatal, is_fence
 from pipeline.eos.restore import Restorer
 from pipeline.eos.stage import Out, Stage
 from pipeline.kafka_io import last_record_end
@@ -189,6 +189,8 @@ class Coordinator:
         self.failures = 0
         self.rewinds = 0
         self.poison = 0
+        #: partitions given up because another producer took their transactional id
+        self.fences = 0
         #: offset-gap checks the broker did not answer (the event waited for another)
         self.unknown_checks = 0
         #: partitions resumed from the progress topic: the group's offset was gone
@@ -883,6 +885,21 @@ class Coordinator:
         if refused:
             offset, first = min(refused, key=lambda r: r[0])
             exc = first if first is not None else exc
+        if is_fence(exc):
+            # Not the record's fault, and no attempt of it: another producer took the
+            # partition's transactional id. The abort gives the partition up (counting
+            # it as the record's failure would dead-letter a sound record after three).
+            log.warning(
+                "%s: the partition's producer was fenced (%s); its open transaction is "
+                "dropped and the partition given up until the group assigns it again",
+                tp,
+                type(exc).__name__,
+            )
+            st.fenced = True
+            st.rewinding = True
+            if self.rewind is not None:
+                self._spawn(self.rewind(tp, st))
+            return
         attempts = st.failures[offset][0] + 1 if offset in st.failures else 1
         error = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
         st.failures[offset] = (attempts, error)

@@ -70,6 +70,10 @@ class PartitionState:
     #: an event failed: nothing of the partition is processed or committed until its
     #: open transaction is aborted and processing went back to the last commit
     rewinding: bool = False
+    #: the partition's producer was fenced: another producer owns its transactional id,
+    #: so the abort that follows gives the partition up instead of starting a new
+    #: producer (which would fence that owner in turn)
+    fenced: bool = False
     #: per offset that failed: (attempts, the last error, bounded)
     failures: dict[int, tuple[int, str]] = field(default_factory=dict)
     #: aborts for failed events since the last commit (see MAX_REWINDS_WITHOUT_COMMIT)

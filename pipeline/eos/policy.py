@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
+
 if TYPE_CHECKING:
     from pipeline.settings import Settings
 
@@ -48,6 +50,17 @@ MAX_REWINDS_WITHOUT_COMMIT = 10
 PRODUCER_START_S = 120.0
 #: How long a broker check for an offset gap may take before its answer is unknown.
 CHECK_TIMEOUT_S = 10.0
+#: A partition given up because its producer was fenced waits this many session
+#: timeouts for the group to assign it again (or to someone else); then the process
+#: ends, and its restart rejoins the group (see ExactlyOnceTransactionManager._give_up).
+FENCED_WAIT_SESSIONS = 3.0
+
+
+def is_fence(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says another producer took this transactional id (a newer owner
+    of the partition, or the broker after the transaction timed out): this worker no
+    longer owns the partition's transactions, whatever the group last told it."""
+    return isinstance(exc, ProducerFenced | InvalidProducerEpoch)
 
 
 class Step(StrEnum):
@@ -92,7 +105,10 @@ def fatal(message: str, exc: BaseException | None = None) -> None:
     The supervisor (systemd, Kubernetes, the chaos harness) restarts the worker, which
     recovers from committed state.
     """
-    log.critical("%s: %r; exiting with status %d", message, exc, EXIT_COMMIT_FAILED)
+    if exc is None:
+        log.critical("%s; exiting with status %d", message, EXIT_COMMIT_FAILED)
+    else:
+        log.critical("%s: %r; exiting with status %d", message, exc, EXIT_COMMIT_FAILED)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()

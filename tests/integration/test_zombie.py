@@ -15,7 +15,9 @@ import signal
 from collections.abc import Callable
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from pipeline.admin import declare_topics
 from pipeline.eos import EXIT_COMMIT_FAILED, Step
 from pipeline.settings import Settings
 from pipeline.tools.reconcile import reconcile
@@ -62,6 +64,76 @@ async def test_zombie_in_the_middle_of_a_commit_is_fenced(
     assert code == EXIT_COMMIT_FAILED, zombie.log_tail()
     assert "ProducerFenced" in log or "InvalidProducerEpoch" in log, zombie.log_tail()
     heir.stop()
+    report = await reconcile(settings)
+    assert report.ok, report.render()
+
+
+async def _wait_log_any(worker: Worker, texts: tuple[str, ...], timeout: float) -> str:
+    """The first of ``texts`` to appear in the worker's log."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        log = worker.log_path.read_text(errors="replace")
+        for text in texts:
+            if text in log:
+                return text
+        if loop.time() > deadline or not worker.alive:
+            raise AssertionError(f"none of {texts} in {worker.name}'s log\n{worker.log_tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def test_a_fenced_worker_gives_the_partition_up_and_never_fences_its_new_owner(
+    settings: Settings, make_worker: Callable[..., Worker]
+) -> None:
+    """Once another producer took a partition's transactional id, the worker must not
+    start a new producer of its own for it: that InitProducerId would fence the new
+    owner in turn.
+
+    Found in CI: a worker back from SIGSTOP met its fenced producers before it heard of
+    the rebalances it missed, aborted, and started new producers, which fenced the
+    worker that owned the partitions meanwhile; that one's next commit failed and it
+    exited (70). Here the test itself takes the id of ``orders.raw[0]``, as the new
+    owner would, and then checks that its own transaction still commits after the worker
+    met the fence. The group never moved the partition, so the worker ends itself once
+    no rebalance came, and its restart takes the partition anew.
+    """
+    assert await feed(settings, 400, seed=83, dup_rate=0.2, bad_rate=0.01) == 400
+    worker = make_worker("fenced")
+    worker.start()
+    await wait_drained(settings, [worker], timeout=240)
+    scratch = f"{settings.app_id}.scratch"
+    await declare_topics(settings, [scratch])
+    owner = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        transactional_id=f"{settings.app_id}-{settings.topic_raw}-0",
+    )
+    await owner.start()  # InitProducerId: the worker's producer of orders.raw[0] is fenced
+    try:
+        # Events on every partition, so the worker's next transaction of orders.raw[0]
+        # meets the fence (at an event's send, at the drain or at a commit's first step).
+        assert await feed(settings, 400, seed=84, dup_rate=0.2, bad_rate=0.01) == 400
+        seen = await _wait_log_any(
+            worker,
+            (
+                "given up after its producer was fenced",
+                # what a worker that starts a new producer logs once it has
+                "transaction aborted; processing again",
+            ),
+            timeout=120,
+        )
+        await owner.begin_transaction()
+        await owner.send_and_wait(scratch, b"the new owner's record", key=b"k")
+        await owner.commit_transaction()  # ProducerFenced if the worker took the id back
+    finally:
+        await owner.stop()
+    assert seen == "given up after its producer was fenced", worker.log_tail()
+    code = await asyncio.to_thread(worker.wait_exit, 120)
+    log = worker.log_path.read_text(errors="replace")
+    assert code == EXIT_COMMIT_FAILED, worker.log_tail()
+    assert "no rebalance for" in log, worker.log_tail()
+    worker.start()
+    await wait_drained(settings, [worker], timeout=240)
+    worker.stop()
     report = await reconcile(settings)
     assert report.ok, report.render()
 
@@ -148,6 +220,8 @@ async def test_a_worker_back_from_missed_rebalances_continues_from_the_newer_com
     other.stop()
     log = sleeper.log_path.read_text(errors="replace")
     assert "rebalances were missed; taking every partition anew" in log, sleeper.log_tail()
+    # The sleeper met its fenced producers, but never fenced the other worker back.
+    assert "fenced" not in other.log_path.read_text(errors="replace").lower(), other.log_tail()
     print(f"scenario reached in freeze {attempts}")
     report = await reconcile(settings)
     assert report.ok, report.render()

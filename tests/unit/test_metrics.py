@@ -41,6 +41,7 @@ def _app() -> SimpleNamespace:
         failures=6,
         rewinds=5,
         poison=1,
+        fences=2,
         unknown_checks=4,
         progress_recoveries=8,
         held_waits=9,
@@ -90,6 +91,7 @@ def test_metrics_read_the_live_objects_at_scrape_time() -> None:
     assert first[("pipeline_event_failures_total", ())] == 6
     assert first[("pipeline_partition_rewinds_total", ())] == 5
     assert first[("pipeline_poison_records_total", ())] == 1
+    assert first[("pipeline_partitions_fenced_total", ())] == 2
     assert first[("pipeline_offset_checks_unknown_total", ())] == 4
     assert first[("pipeline_progress_recoveries_total", ())] == 8
     assert first[("pipeline_held_waits_total", ())] == 9

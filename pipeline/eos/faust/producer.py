@@ -8,9 +8,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import IllegalOperation, ProducerFenced
 from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.eos.partitioner import partition_for
+from pipeline.eos.policy import is_fence
 
 
 class _Settled:
@@ -177,15 +179,28 @@ class TransactionalProducer:
         headers: list[tuple[str, bytes]] | None,
     ) -> asyncio.Future[Any]:
         """aiokafka's own ``send``, for a record no open batch took: it makes the batch
-        (and adds the partition to the transaction), or waits for room."""
-        fut: asyncio.Future[Any] = await self.producer.send(
-            topic,
-            value=value,
-            key=key,
-            partition=partition,
-            timestamp_ms=timestamp_ms,
-            headers=headers,
-        )
+        (and adds the partition to the transaction), or waits for room.
+
+        Once the sender has ended, aiokafka refuses every send with "Can't send messages
+        while not in transaction", which hides why: the sender's own error is raised
+        instead, or named (a fence decides what the worker does next).
+        """
+        try:
+            fut: asyncio.Future[Any] = await self.producer.send(
+                topic,
+                value=value,
+                key=key,
+                partition=partition,
+                timestamp_ms=timestamp_ms,
+                headers=headers,
+            )
+        except IllegalOperation as exc:
+            cause = self.failure
+            if cause is None:
+                raise
+            if is_fence(cause):
+                raise ProducerFenced() from cause
+            raise IllegalOperation(f"{exc}: the producer's sender ended ({cause!r})") from cause
         return fut
 
     def _open_batch(self, topic: str, partition: int | None, key: bytes | None) -> Any:
@@ -226,6 +241,23 @@ class TransactionalProducer:
         # pending then never complete.
         task: asyncio.Future[Any] | None = self.producer._sender.sender_task
         return task
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that ended the producer's sender, or None while it runs.
+
+        aiokafka's sender ends on a fence (``ProducerFenced``, raised on an
+        ``InvalidProducerEpoch`` answer to any transactional request) and a few other
+        errors; the producer is then in its fatal state and refuses everything.
+        """
+        task = self.sender_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    @property
+    def fenced(self) -> bool:
+        return is_fence(self.failure)
 
     async def send_offsets_to_transaction(
         self, offsets: dict[TopicPartition, int], group_id: str

@@ -35,10 +35,12 @@ from pipeline.eos.coordinator import Coordinator
 from pipeline.eos.faust.producer import TransactionalProducer
 from pipeline.eos.partition import OutRecord, PartitionState, as_headers, fail_held, retrieve
 from pipeline.eos.policy import (
+    FENCED_WAIT_SESSIONS,
     MAX_REWINDS_WITHOUT_COMMIT,
     PRODUCER_START_S,
     Step,
     fatal,
+    is_fence,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
         self._parts: dict[TP, Partition] = {}
         #: the consumer group generation of the last assignment this worker took
         self._generation: int | None = None
+        #: source partitions given up after a fence, with when (see :meth:`_give_up`)
+        self._given_up: dict[TP, float] = {}
 
     # -- naming -------------------------------------------------------------------------
 
@@ -99,6 +103,8 @@ class ExactlyOnceTransactionManager(TransactionManager):
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
         self.coordinator.assigned()
+        # The group decided whose every partition is, those given up after a fence too.
+        self._given_up.clear()
         if self._commit_timer is None:
             self._commit_timer = asyncio.ensure_future(self._commit_loop())
         keep = self._source_tps(assigned)
@@ -110,7 +116,9 @@ class ExactlyOnceTransactionManager(TransactionManager):
         # of, and the wait for, the transaction its owner meanwhile had open.
         release = self._held - keep
         generation = self.app.consumer_generation_id
-        if self._held and self._generation is not None and generation != self._generation + 1:
+        # Skipped generations are told even when nothing is held any more: a worker back
+        # from a freeze may have given up every partition (fenced) before this rebalance.
+        if self._generation is not None and generation != self._generation + 1:
             # Generations were skipped: this worker missed rebalances (stopped, or cut off
             # longer than its session), in which other workers may have owned, processed
             # and committed the partitions it gets back. What it kept of them (producer,
@@ -209,9 +217,50 @@ class ExactlyOnceTransactionManager(TransactionManager):
             if st is not None and st.has_progress:
                 self.coordinator.aborts += 1
             try:
-                await producer.stop()
+                # Bounded: a fenced producer's last batches may never be accepted.
+                await asyncio.wait_for(producer.stop(), 5.0)
             except Exception as exc:  # pragma: no cover - best effort on a dead link
                 log.warning("stopping producer %s: %r", tid, exc)
+
+    async def _give_up(self, tp: TP, st: PartitionState) -> None:
+        """``tp``'s producer was fenced: drop the partition until a rebalance decides.
+
+        Starting a new producer for it, as an abort otherwise does, would run
+        InitProducerId, which fences whoever took the transactional id. A worker back
+        from a freeze longer than its session meets its fenced producers before it hears
+        of the rebalances it missed; re-initialising them fenced the partitions' new
+        owner, whose next commit then failed (seen in CI: the owner exited with 70, and
+        the "missed rebalances" test with it). Kafka Streams treats a fenced task the
+        same way: as migrated, closed without a commit, until the group says whose it is.
+
+        The open transaction is dropped with the producer (the broker aborted it when
+        the other producer initialised), the partition's state here is forgotten, and
+        its fetched records are skipped. If the group assigns it to this worker again,
+        :meth:`on_rebalance` takes it anew from the committed offsets. If no rebalance
+        comes (the broker fenced a transaction that outlived its timeout, and the group
+        still names this worker), :meth:`_commit_loop` ends the process after
+        :data:`FENCED_WAIT_SESSIONS` session timeouts: its restart rejoins the group.
+        """
+        self.coordinator.fences += 1
+        await self._release(tp)
+        self._given_up.setdefault(tp, asyncio.get_running_loop().time())
+        log.warning(
+            "%s: given up after its producer was fenced; waiting for the group to assign it",
+            tp,
+        )
+
+    def _check_given_up(self, now: float) -> None:
+        """End the process if a partition given up was not decided by a rebalance in time."""
+        if not self._given_up:
+            return
+        wait = FENCED_WAIT_SESSIONS * float(self.app.conf.broker_session_timeout)
+        since = min(self._given_up.values())
+        if now - since > wait:
+            tps = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(self._given_up))
+            fatal(
+                f"producers fenced for {tps} and no rebalance for {now - since:.0f} s; "
+                "restarting to rejoin the group"
+            )
 
     async def _commit_loop(self) -> None:
         """Commit on our own clock as well as Faust's.
@@ -231,6 +280,7 @@ class ExactlyOnceTransactionManager(TransactionManager):
             quiet = quiet_s > 0 and await coord.wait_quiet(quiet_s, deadline)
             if not quiet:
                 await asyncio.sleep(max(0.0, deadline - loop.time()))
+            self._check_given_up(loop.time())
             if coord.settled and any(st.has_progress for st in coord.partitions.values()):
                 if quiet:
                     coord.quiet_commits += 1
@@ -395,6 +445,13 @@ class ExactlyOnceTransactionManager(TransactionManager):
         results = gathered.result()
         for tp, result in zip(tps, results, strict=True):
             if isinstance(result, BaseException):
+                st = coord.partitions.get(tp)
+                if st is not None and self._fenced_before_commit(tp, st, result):
+                    # Nothing of the transaction can have committed: give the partition
+                    # up, as an abort after a fence does (see _give_up).
+                    log.warning("%s: fenced at commit step %r: %r", tp, st.step, result)
+                    await self._give_up(tp, st)
+                    continue
                 if coord.policy.on("fatal-commit"):
                     fatal(f"commit of {tp} failed", result)
                 # Stock Faust: log, and carry on in a new transaction as if it committed.
@@ -406,6 +463,16 @@ class ExactlyOnceTransactionManager(TransactionManager):
         if len(coord.commit_seconds) > 1024:
             del coord.commit_seconds[:512]
         return True
+
+    def _fenced_before_commit(self, tp: TP, st: PartitionState, exc: BaseException) -> bool:
+        """Whether ``tp``'s commit failed on a fence at a step other than the commit
+        itself (step 5). A fence before it means the transaction never committed; after
+        it (at ``begin``), that it did. A failed ``commit_transaction`` stays fatal
+        whatever it says, like any commit whose outcome the worker must not guess."""
+        if st.step == Step.COMMIT.value:
+            return False
+        producer = self._producers.get(self.transactional_id(tp))
+        return is_fence(exc) or (producer is not None and producer.fenced)
 
     async def _begin_quietly(self, tp: TP) -> None:
         producer = self._producers.get(self.transactional_id(tp))
@@ -454,6 +521,9 @@ class ExactlyOnceTransactionManager(TransactionManager):
         tid = self.transactional_id(tp)
         old = self._producers.get(tid)
         if old is None:  # released meanwhile: its next owner starts from the commit
+            return
+        if st.fenced or old.fenced:
+            await self._give_up(tp, st)
             return
         st.rewinds_in_a_row += 1
         if st.rewinds_in_a_row > MAX_REWINDS_WITHOUT_COMMIT:

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import ProducerFenced
 from faust.types import TP
 
 from pipeline.eos.commit import Outcome, Partition, commit_partition, produce, produce_now
 from pipeline.eos.faust.store import TransactionalStore
 from pipeline.eos.partition import OutRecord, PartitionState
-from pipeline.eos.policy import COMMIT_STEPS, FIXES, Policy, Step
+from pipeline.eos.policy import COMMIT_STEPS, FIXES, Policy, Step, is_fence
 from pipeline.factory import create_app
 from pipeline.settings import Settings
 
@@ -50,6 +51,19 @@ class FakeTransaction:
         self.batches: dict[tuple[str, int | None], asyncio.Future[Any]] = {}
         self.ends: defaultdict[tuple[str, int | None], int] = defaultdict(int)
         self.sender_task: asyncio.Future[Any] | None = None
+        #: what a refused send fails with
+        self.refusal: type[Exception] = Boom
+
+    @property
+    def fenced(self) -> bool:
+        # As the real one: the sender ended on a fence.
+        task = self.sender_task
+        return task is not None and task.done() and is_fence(task.exception())
+
+    def _refused(self, topic: str) -> Exception:
+        if self.refusal is Boom:
+            return Boom(f"{topic} refused the record")
+        return self.refusal()
 
     def _call(self, name: str, *args: Any) -> None:
         self.log.append((name, *args))
@@ -69,7 +83,7 @@ class FakeTransaction:
         self._call("send", topic, key, value)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if topic == self.refuse:
-            fut.set_exception(Boom(f"{topic} refused the record"))
+            fut.set_exception(self._refused(topic))
         else:
             offset = self.ends[topic, partition]
             self.ends[topic, partition] += 1
@@ -118,7 +132,7 @@ class FakeTransaction:
         batches, self.batches = self.batches, {}
         for (topic, partition), fut in batches.items():
             if topic == self.refuse or (topic, partition) == self.refuse_tp:
-                fut.set_exception(Boom(f"{topic} refused the record"))
+                fut.set_exception(self._refused(topic))
             else:
                 fut.set_result(SimpleNamespace(topic=topic, partition=partition, offset=None))
         self._call("flush")
@@ -385,6 +399,43 @@ async def test_a_refused_batch_blames_the_first_event_whose_record_it_carries(
     assert outcome is Outcome.REWOUND
     assert hooks.blamed == [(42, "t-commit-out refused the record")]
     assert st.committed is None
+
+
+async def test_a_fenced_batch_blames_no_event_and_gives_the_partition_up(
+    store: TransactionalStore,
+) -> None:
+    # Another producer took the transactional id: no event is at fault, and the abort
+    # that follows must give the partition up (st.fenced), not start a new producer.
+    log: list[tuple[Any, ...]] = []
+    txn, hooks, st, part = FakeTransaction(log), FakeHooks(log), PartitionState(), _part(store)
+    txn.refuse, txn.refusal = "t-commit-out", ProducerFenced
+    await _processed(part, st, txn, store)
+
+    outcome = await commit_partition(part, st, txn, EXACTLY_ONCE, hooks)
+
+    assert outcome is Outcome.REWOUND
+    assert hooks.blamed == [] and hooks.rewound == 1
+    assert st.fenced and st.rewinding
+    assert not any(entry[0] in ("offsets", "commit", "begin") for entry in log)
+    assert _committed_rows(store) == {} and st.committed is None
+
+
+async def test_a_sender_ended_by_a_fence_gives_the_partition_up(
+    store: TransactionalStore,
+) -> None:
+    log: list[tuple[Any, ...]] = []
+    txn, hooks, st, part = FakeTransaction(log), FakeHooks(log), PartitionState(), _part(store)
+    await _processed(part, st, txn, store)
+    ended: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    ended.set_exception(ProducerFenced())
+    txn.sender_task = ended
+    assert txn.fenced
+
+    outcome = await commit_partition(part, st, txn, EXACTLY_ONCE, hooks)
+
+    assert outcome is Outcome.REWOUND
+    assert hooks.blamed == [] and st.fenced
+    assert _committed_rows(store) == {} and st.committed is None
 
 
 async def test_records_that_join_an_open_batch_at_once_keep_the_blame_of_its_first(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiokafka.errors import ProducerFenced
 from faust.types import TP
 
 from pipeline.eos.coordinator import Coordinator
@@ -138,6 +139,51 @@ def test_a_refused_send_is_blamed_on_the_event_that_made_it() -> None:
     asyncio.run(go())
     assert list(st.failures) == [11]
     assert st.rewinding
+
+
+def test_a_fence_is_no_attempt_of_the_record_and_gives_the_partition_up() -> None:
+    # Another producer took the partition's transactional id: the record is sound, and
+    # counting the fence against it would dead-letter it after three. The partition is
+    # marked so that its abort gives it up rather than fencing that producer back.
+    coord, _ = settled(range(100), committed=10, end=100)
+    emitted = Emitted()
+    coord.emit_all = emitted
+    rewinds: list[bool] = []
+
+    async def rewind(tp: TP, st: PartitionState) -> None:
+        rewinds.append(st.fenced)
+
+    coord.rewind = rewind
+    st = coord.partitions[TP0]
+
+    async def go() -> None:
+        for n in range(1, MAX_ATTEMPTS + 2):
+            st.rewinding = False
+            coord.fail(TP0, st, 11, ProducerFenced())
+            await until(lambda n=n: len(rewinds) == n, "the rewind")  # type: ignore[misc]
+
+    asyncio.run(go())
+    assert st.fenced and st.rewinding
+    assert rewinds and all(rewinds)
+    assert st.failures == {} and coord.failures == 0 and coord.poison == 0
+
+
+def test_a_fence_found_among_the_refused_sends_gives_the_partition_up() -> None:
+    # The send that raised may say something else (aiokafka refuses every send once its
+    # sender ended); the refused batch's fence decides.
+    coord = Coordinator(Settings())
+    st = coord.state(TP0)
+    coord.rewind = None
+
+    async def go() -> None:
+        refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refused.set_exception(ProducerFenced())
+        st.draining = ([refused], [12])
+        coord.fail(TP0, st, 14, RuntimeError("Can't send messages while not in transaction"))
+
+    asyncio.run(go())
+    assert st.fenced and st.rewinding
+    assert st.failures == {}
 
 
 class _Log:
