@@ -143,32 +143,40 @@ async def declare_topics(settings: Settings, names: Iterable[str] | None = None)
         )
 
 
-async def topic_problems(settings: Settings, changelogs: Iterable[str] = ()) -> list[str]:
+async def topic_problems(
+    settings: Settings,
+    changelogs: Iterable[str] = (),
+    *,
+    keyed: Iterable[str] = (),
+    append_time: Iterable[str] = (),
+    orders: bool = True,
+) -> list[str]:
     """What about the existing topics would make the pipeline unsafe to run, one line
     each (an empty list: nothing).
 
-    * ``orders.raw`` must keep the append time (``message.timestamp.type``).
-    * Every topic keyed like a table must have the configured partition count: a key
-      hashed to another partition than its state lives in would be processed against
-      an empty table. ``orders.raw`` may have any count: it is rekeyed first.
+    * ``orders.raw`` (and the topics of ``append_time``) must keep the append time
+      (``message.timestamp.type``): a dedup window runs on it.
+    * Every topic keyed like a table (and those of ``keyed``) must have the configured
+      partition count: a key hashed to another partition than its state lives in would
+      be processed against an empty table. ``orders.raw`` may have any count: it is
+      rekeyed first.
     * The topics that carry an input value whole must take the largest valid one.
+
+    ``orders=False`` (a pipeline of :mod:`pipeline.api`) leaves the order pipeline's
+    topics out: a cluster may hold an ``orders.raw`` that is not this app's.
     """
-    keyed = [
-        settings.by_order_topic,
-        settings.topic_unique,
-        settings.deltas_topic,
-        *changelogs,
-    ]
-    large = [settings.topic_raw, settings.by_order_topic, settings.topic_unique]
-    written = [
+    own_keyed = [settings.by_order_topic, settings.topic_unique, settings.deltas_topic]
+    keyed = [*(own_keyed if orders else []), *keyed, *changelogs]
+    large = [settings.topic_raw, settings.by_order_topic, settings.topic_unique] if orders else []
+    own_written = [
         settings.topic_dlq,
         settings.topic_changes,
         settings.topic_rejected,
         settings.topic_coupons,
         settings.deltas_topic,
-        settings.progress_topic,
-        *changelogs,
     ]
+    written = [*(own_written if orders else []), settings.progress_topic, *changelogs]
+    appended = [*([settings.topic_raw] if orders else []), *append_time]
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=10000
     )
@@ -178,7 +186,7 @@ async def topic_problems(settings: Settings, changelogs: Iterable[str] = ()) -> 
         existing = set(await admin.list_topics())
         present = [t for t in dict.fromkeys([*keyed, *large]) if t in existing]
         counts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(present)}
-        for topic in keyed:
+        for topic in dict.fromkeys(keyed):
             n = counts.get(topic)
             if n is not None and n != settings.partitions:
                 problems.append(
@@ -186,21 +194,22 @@ async def topic_problems(settings: Settings, changelogs: Iterable[str] = ()) -> 
                     f"{settings.partitions}: its keys would meet another partition's state"
                     " (see README, 'Changing the partition count')"
                 )
-        configs = await _configs(admin, [t for t in [*large, *written] if t in existing])
-        raw = configs.get(settings.topic_raw, {})
-        if settings.topic_raw in configs and raw.get("message.timestamp.type") != "LogAppendTime":
-            problems.append(
-                f"topic {settings.topic_raw} keeps producer timestamps "
-                f"(message.timestamp.type={raw.get('message.timestamp.type')}); the dedup "
-                "window runs on the broker's append time. Run: kafka-configs.sh "
-                f"--alter --entity-type topics --entity-name {settings.topic_raw} "
-                "--add-config message.timestamp.type=LogAppendTime"
-            )
-        needs = {
-            **dict.fromkeys(written, NEEDED_OUTPUT_BYTES),
-            settings.by_order_topic: NEEDED_MESSAGE_BYTES,
-            settings.topic_unique: NEEDED_MESSAGE_BYTES,
-        }
+        checked = [t for t in dict.fromkeys([*large, *written, *appended]) if t in existing]
+        configs = await _configs(admin, checked)
+        for topic in dict.fromkeys(appended):
+            kind = configs.get(topic, {}).get("message.timestamp.type")
+            if topic in configs and kind != "LogAppendTime":
+                problems.append(
+                    f"topic {topic} keeps producer timestamps "
+                    f"(message.timestamp.type={kind}); the dedup "
+                    "window runs on the broker's append time. Run: kafka-configs.sh "
+                    f"--alter --entity-type topics --entity-name {topic} "
+                    "--add-config message.timestamp.type=LogAppendTime"
+                )
+        needs = dict.fromkeys(written, NEEDED_OUTPUT_BYTES)
+        if orders:
+            needs[settings.by_order_topic] = NEEDED_MESSAGE_BYTES
+            needs[settings.topic_unique] = NEEDED_MESSAGE_BYTES
         for topic, needed in needs.items():
             size = int(configs.get(topic, {}).get("max.message.bytes", LARGE_MESSAGE_BYTES))
             if size < needed:

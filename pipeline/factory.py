@@ -78,7 +78,12 @@ class PipelineApp(EngineApp):
         from pipeline.admin import declare_topics, ensure_topics
 
         s = self.settings
-        await declare_topics(s, [t.get_topic_name() for t in self.declared_topics])
+        declared = [t.get_topic_name() for t in self.declared_topics]
+        await declare_topics(s, [n for n in declared if n not in self.topic_overrides])
+        for name, config in self.topic_overrides.items():
+            await ensure_topics(
+                s.bootstrap_servers, [name], s.partitions, s.replication, config=config
+            )
         await declare_topics(s, [s.progress_topic])
         # The tables' changelogs too, with the configuration Faust would give them.
         # Faust creates them itself only as the consumer subscribes, and on a new app the
@@ -105,7 +110,13 @@ class PipelineApp(EngineApp):
         from pipeline.admin import EXIT_CONFIG, topic_problems
 
         changelogs = [t.changelog_topic.get_topic_name() for t in self.tables.values()]
-        problems = await topic_problems(self.settings, changelogs)
+        problems = await topic_problems(
+            self.settings,
+            changelogs,
+            keyed=self.keyed_topics,
+            append_time=self.append_time_topics,
+            orders=self.order_topics,
+        )
         if problems:
             for line in problems:
                 log.critical("refusing to start: %s", line)
@@ -114,6 +125,15 @@ class PipelineApp(EngineApp):
             os._exit(EXIT_CONFIG)
 
     declared_topics: list[Any]
+    #: topics declared with a configuration of their own (pipeline.api), by name
+    topic_overrides: dict[str, dict[str, str]]
+    #: more topics that must have the configured partition count (a table's state is
+    #: partitioned like them), and topics whose records must carry the broker's append
+    #: time (a dedup window runs on it); pipeline.api adds its stages' here
+    keyed_topics: list[str]
+    append_time_topics: list[str]
+    #: whether the app runs the order pipeline (its topics are checked at start)
+    order_topics: bool
     rebalance_started: float | None
     recoveries: Histogram
 
@@ -181,4 +201,8 @@ def create_app(settings: Settings) -> PipelineApp:
         registry=None,
     )
     app.declared_topics = []
+    app.topic_overrides = {}
+    app.keyed_topics = []
+    app.append_time_topics = []
+    app.order_topics = True
     return app

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_", frozen=True, extra="ignore")
 
     app_id: str = "orders-pipeline"
+    #: Goes before the name of every topic a pipeline declared through
+    #: :mod:`pipeline.api` (its sources, outputs and dead-letter topic), e.g. "staging.".
+    topic_prefix: str = ""
     broker: str = "kafka://127.0.0.1:9092"
     datadir: Path = Path("./data")
     processing_guarantee: Guarantee = Guarantee.EXACTLY_ONCE

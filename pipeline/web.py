@@ -29,6 +29,7 @@ from pipeline.domain.models import MAX_ID_CHARS
 from pipeline.domain.orders import Balance, Order
 
 if TYPE_CHECKING:
+    from pipeline.factory import PipelineApp
     from pipeline.topology import Topology
 
 
@@ -48,26 +49,18 @@ def _answer(view: View, body: dict[str, Any]) -> Response:
     return response
 
 
-def install(topo: Topology) -> None:
-    app = topo.app
-    orders_table = topo.orders_table
-    balances_table = topo.balances_table
-
-    # Read once at start: the page is static, its script polls /stats.
-    dashboard = files("pipeline").joinpath("dashboard.html").read_text(encoding="utf-8")
-
-    @app.page("/")
-    class DashboardView(View):
-        async def get(self, request: Request) -> Response:
-            return self.html(dashboard)
+def install_common(app: PipelineApp) -> None:
+    """``/stats`` and ``/metrics``: every pipeline's, the order one's and those of
+    :mod:`pipeline.api`."""
+    settings = app.settings
 
     @app.page("/stats")
     class StatsView(View):
         async def get(self, request: Request) -> Response:
             body: dict[str, Any] = dict(app.stats.as_dict())
-            body["app_id"] = topo.settings.app_id
+            body["app_id"] = settings.app_id
             body["commits"] = app.eos.commits
-            body["processing_guarantee"] = topo.settings.processing_guarantee.value
+            body["processing_guarantee"] = settings.processing_guarantee.value
             # Which source partitions this worker processes now (active, not standby).
             owned: dict[str, list[int]] = {}
             for tp in app.eos.partitions:
@@ -84,6 +77,23 @@ def install(topo: Topology) -> None:
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
             return self.bytes(render(registry), content_type=CONTENT_TYPE)
+
+
+def install(topo: Topology) -> None:
+    """The order pipeline's views: the dashboard, the common ones, orders and balances."""
+    app = topo.app
+    orders_table = topo.orders_table
+    balances_table = topo.balances_table
+
+    # Read once at start: the page is static, its script polls /stats.
+    dashboard = files("pipeline").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    @app.page("/")
+    class DashboardView(View):
+        async def get(self, request: Request) -> Response:
+            return self.html(dashboard)
+
+    install_common(app)
 
     @app.page("/orders/{order_id}")
     class OrderView(View):

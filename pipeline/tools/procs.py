@@ -49,11 +49,13 @@ def namespaced_env(app_id: str, broker: str, datadir: Path, **extra: str) -> dic
 
 @dataclass
 class Worker:
-    """One ``faust -A pipeline.app worker`` process with its own env and log file."""
+    """One ``faust -A <app> worker`` process (the order pipeline's ``pipeline.app`` unless
+    another module is named) with its own env and log file."""
 
     env: dict[str, str]
     log_path: Path
     name: str = "w0"
+    app: str = "pipeline.app"
     web_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -75,7 +77,7 @@ class Worker:
                     "-m",
                     "faust",
                     "-A",
-                    "pipeline.app",
+                    self.app,
                     "worker",
                     "-l",
                     "info",
@@ -164,10 +166,16 @@ async def drained(settings: Settings, stages: str = "all") -> tuple[int, int]:
     "To do" ends at each partition's last committed record, not its end offset: on the
     transactional topics between stages the end offset lies past a commit marker.
     """
-    done = total = 0
     topics = [settings.topic_raw, settings.by_order_topic]
     if stages == "all":
         topics += [settings.topic_unique, settings.deltas_topic]
+    return await drained_topics(settings, topics)
+
+
+async def drained_topics(settings: Settings, topics: list[str]) -> tuple[int, int]:
+    """(committed, to do) of the app's consumer group summed over ``topics`` (to do ends
+    at each partition's last committed record, as in :func:`drained`)."""
+    done = total = 0
     for topic in topics:
         ends = await record_ends(settings.bootstrap_servers, topic)
         committed = await committed_offsets(settings.bootstrap_servers, settings.app_id, topic)
@@ -177,12 +185,20 @@ async def drained(settings: Settings, stages: str = "all") -> tuple[int, int]:
 
 
 async def wait_drained(
-    settings: Settings, workers: list[Worker], timeout: float, poll: float = 0.5
+    settings: Settings,
+    workers: list[Worker],
+    timeout: float,
+    poll: float = 0.5,
+    topics: list[str] | None = None,
 ) -> None:
-    """Wait until every stage committed all its input; fail early if all workers died."""
+    """Wait until every stage committed all its input (of ``topics``, if given: the
+    source topics of a pipeline of :mod:`pipeline.api`); fail early if all workers died."""
     deadline = time.monotonic() + timeout
     while True:
-        done, total = await drained(settings)
+        if topics is None:
+            done, total = await drained(settings)
+        else:
+            done, total = await drained_topics(settings, topics)
         if total and done >= total:
             return
         if not any(w.alive for w in workers):

@@ -55,7 +55,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -987,6 +987,21 @@ def transactional_topics(settings: Settings) -> list[str]:
     ]
 
 
+async def open_transactions(
+    bootstrap: str, topics: Iterable[str]
+) -> dict[str, dict[int, tuple[int, int]]]:
+    """Per topic, its partitions whose last stable offset is behind the high watermark
+    (a transaction still open), with both."""
+    found: dict[str, dict[int, tuple[int, int]]] = {}
+    for topic in topics:
+        lso = await end_offsets(bootstrap, topic, committed=True)
+        hw = await end_offsets(bootstrap, topic, committed=False)
+        open_parts = {p: (lso[p], hw[p]) for p in hw if lso.get(p) != hw[p]}
+        if open_parts:
+            found[topic] = open_parts
+    return found
+
+
 async def reconcile(settings: Settings, *, progress: bool = False) -> Report:
     """Read every topic and judge it by the contract; the verdict and what differs.
 
@@ -1026,12 +1041,7 @@ async def reconcile(settings: Settings, *, progress: bool = False) -> Report:
             check.unexpected += keyless
             check.note(f"{keyless} records without a key")
         report.checks.append(check)
-    for topic in transactional_topics(settings):
-        lso = await end_offsets(bootstrap, topic, committed=True)
-        hw = await end_offsets(bootstrap, topic, committed=False)
-        open_parts = {p: (lso[p], hw[p]) for p in hw if lso.get(p) != hw[p]}
-        if open_parts:
-            report.open_transactions[topic] = open_parts
+    report.open_transactions = await open_transactions(bootstrap, transactional_topics(settings))
     report.seconds = time.monotonic() - started
     report.peak_rss_mb = _peak_rss_mb()
     return report

@@ -1,0 +1,392 @@
+"""Your own exactly-once transformation: the public API.
+
+A :class:`Pipeline` is a Faust app with the exactly-once engine under it. Each stage you
+declare with :meth:`Pipeline.stage` reads one topic and, for every record, in order:
+
+1. parses it: ``parse(value)`` returns your event, or :class:`Invalid` with a reason,
+   and an invalid record goes to the dead-letter topic with that reason (so does a
+   record whose handling raised three times);
+2. drops it if it copies an event accepted within the dedup window (``dedup=``): the
+   window runs on each record's arrival, the broker's append time of its source topic;
+3. calls your operator, a pure function: ``event -> outputs``, or, with ``state=``,
+   ``(state, event) -> (state, outputs)`` on the state of ``key(event)`` (``None`` when
+   there is none yet; return ``None`` to delete it);
+4. sends the outputs, :class:`Emit` records to topics the stage declared.
+
+Everything a batch of records does (outputs, dead letters, state and dedup writes) is
+committed in one Kafka transaction together with their source offsets. A crash, a
+frozen worker, a broker restart or a rebalance never applies a record twice or loses
+one; the operator must not have side effects of its own (see ``docs/guarantees.md``).
+
+State and dedup live in tables partitioned like the stage's source topic: every record
+of one key must arrive in one partition. If the source is not keyed that way, give
+``partition_by``: the stage then first forwards each valid record, keyed by
+``partition_by(event)``, through an internal topic of its own.
+
+Run it as any Faust app: ``faust -A yourmodule worker``, where ``yourmodule.app`` is
+:attr:`Pipeline.app`. Settings come from ``PIPELINE_*`` variables as for the order
+pipeline (:class:`pipeline.settings.Settings`); ``PIPELINE_TOPIC_PREFIX`` goes before
+every topic name the pipeline declares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Generic, TypeVar, overload
+
+from pipeline.admin import LARGE_CONFIG, RAW_CONFIG
+from pipeline.agents.dedup import WindowedDedup
+from pipeline.agents.sending import agent_for, dead_letters, direct_send
+from pipeline.domain.route import SRC, source_header
+from pipeline.eos.faust.store import TransactionalStore
+from pipeline.eos.stage import Out, Stage
+from pipeline.factory import PipelineApp, create_app
+from pipeline.settings import Settings
+from pipeline.web import install_common
+
+__all__ = ["JSON", "SOURCE_HEADER", "Codec", "Dedup", "Emit", "Invalid", "Pipeline", "StageInfo"]
+
+E = TypeVar("E")
+S = TypeVar("S")
+
+#: The header that names where a forwarded record came from (``"<partition>:<offset>"``
+#: of the stage's source topic), as the order pipeline's route stage writes it.
+SOURCE_HEADER = SRC
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """What ``parse`` returns for a record that is not a valid event: it goes to the
+    dead-letter topic with ``reason``."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """An output record. ``topic`` must be one of the stage's ``outputs``."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Dedup(Generic[E]):
+    """Drop copies of an event: two records are copies when ``key`` gives both the same
+    idempotency key and the later one arrived within ``window`` of the first. ``grace``
+    keeps an expired key a little longer, for copies that reach the stage late because
+    another partition of the source lags (see ``docs/dedup-window.md``)."""
+
+    key: Callable[[E], bytes]
+    window: timedelta
+    grace: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Codec(Generic[S]):
+    """How a stage's state is stored: ``encode`` to bytes and ``decode`` back."""
+
+    encode: Callable[[S], bytes]
+    decode: Callable[[bytes], S]
+
+
+def _json_encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+#: State as JSON (dicts, lists, strings, numbers).
+JSON: Codec[Any] = Codec(_json_encode, json.loads)
+
+Stateless = Callable[[E], Iterable[Emit]]
+Stateful = Callable[[S | None, E], tuple[S | None, Iterable[Emit]]]
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    """A declared stage, as tools (``reconcile``, ``chaos``, tests) read it."""
+
+    name: str
+    #: the topic it reads, and where its records go after partitioning (the same topic
+    #: without ``partition_by``)
+    source: str
+    processed_from: str
+    outputs: tuple[str, ...]
+    #: the Faust table names of its dedup and its state, if any
+    dedup_table: str | None
+    state_table: str | None
+    parse: Callable[[bytes], Any]
+    dedup: Dedup[Any] | None
+    partition_by: Callable[[Any], bytes] | None
+    key: Callable[[Any], bytes] | None
+    state: Codec[Any] | None
+    operator: Callable[..., Any]
+
+
+class Pipeline:
+    """A Faust app whose stages are exactly-once; declare them with :meth:`stage`.
+
+    ``name`` is the app id (the consumer group, the prefix of internal topics and
+    transactional ids) unless ``PIPELINE_APP_ID`` sets another. ``dead_letters`` is the
+    dead-letter topic, ``"<name>.dlq"`` if not given.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        dead_letters: str | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        if settings is None:
+            # An explicit PIPELINE_APP_ID wins, so that one module can run as several
+            # pipelines (a test's, a staging one) side by side.
+            settings = Settings() if "PIPELINE_APP_ID" in os.environ else Settings(app_id=name)
+        self.settings = settings
+        self.app: PipelineApp = create_app(settings)
+        self.app.order_topics = False
+        install_common(self.app)
+        self.app.eos.send_direct = direct_send(self.app)
+        self.dead_letter_topic = self.topic_name(dead_letters or f"{name}.dlq")
+        self._declare(self.dead_letter_topic, {})
+        self.stages: dict[str, StageInfo] = {}
+
+    def topic_name(self, name: str) -> str:
+        """The broker's name of a topic the pipeline declares (``PIPELINE_TOPIC_PREFIX``
+        before it)."""
+        return self.settings.topic_prefix + name
+
+    @overload
+    def stage(
+        self,
+        name: str,
+        *,
+        source: str,
+        parse: Callable[[bytes], E | Invalid],
+        outputs: Sequence[str],
+        dedup: Dedup[E] | None = None,
+        partition_by: Callable[[E], bytes] | None = None,
+    ) -> Callable[[Stateless[E]], Stateless[E]]: ...
+
+    @overload
+    def stage(
+        self,
+        name: str,
+        *,
+        source: str,
+        parse: Callable[[bytes], E | Invalid],
+        outputs: Sequence[str],
+        key: Callable[[E], bytes],
+        state: Codec[S],
+        dedup: Dedup[E] | None = None,
+        partition_by: Callable[[E], bytes] | None = None,
+    ) -> Callable[[Stateful[S, E]], Stateful[S, E]]: ...
+
+    def stage(
+        self,
+        name: str,
+        *,
+        source: str,
+        parse: Callable[[bytes], Any],
+        outputs: Sequence[str],
+        key: Callable[[Any], bytes] | None = None,
+        state: Codec[Any] | None = None,
+        dedup: Dedup[Any] | None = None,
+        partition_by: Callable[[Any], bytes] | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Declare a stage (see the module docstring); decorates its operator."""
+        if name in self.stages:
+            raise ValueError(f"a stage named {name!r} is declared already")
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ValueError(f"stage name {name!r}: letters, digits, '-' and '_' only")
+        if (key is None) != (state is None):
+            raise ValueError("a stateful stage needs both key= and state=")
+
+        def declare(operator: Callable[..., Any]) -> Callable[..., Any]:
+            self._wire(name, source, parse, outputs, key, state, dedup, partition_by, operator)
+            return operator
+
+        return declare
+
+    # -- wiring onto the engine ----------------------------------------------------
+
+    def _declare(self, topic: str, config: dict[str, str]) -> None:
+        app = self.app
+        if topic in app.topic_overrides:
+            return
+        app.topic_overrides[topic] = config
+        app.declared_topics.append(
+            app.topic(
+                topic,
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=self.settings.partitions,
+            )
+        )
+
+    def _table(self, name: str) -> TransactionalStore:
+        table = self.app.Table(
+            name, key_type=bytes, value_type=bytes, partitions=self.settings.partitions
+        )
+        store = table.data
+        assert isinstance(store, TransactionalStore)
+        return store
+
+    def _wire(
+        self,
+        name: str,
+        source: str,
+        parse: Callable[[bytes], Any],
+        outputs: Sequence[str],
+        key: Callable[[Any], bytes] | None,
+        state: Codec[Any] | None,
+        dedup: Dedup[Any] | None,
+        partition_by: Callable[[Any], bytes] | None,
+        operator: Callable[..., Any],
+    ) -> None:
+        app, settings = self.app, self.settings
+        source_topic = self.topic_name(source)
+        # The dedup window runs on arrival: the source keeps the broker's append time.
+        self._declare(source_topic, RAW_CONFIG if dedup is not None else LARGE_CONFIG)
+        outs = tuple(self.topic_name(t) for t in outputs)
+        for topic in outs:
+            self._declare(topic, {})
+        if dedup is not None or state is not None:
+            # Tables are partitioned like the topic the stage processes.
+            app.keyed_topics.append(source_topic)
+        processed_from = source_topic
+        if partition_by is not None:
+            processed_from = f"{settings.app_id}-{name}-repartition"
+            self._declare(processed_from, LARGE_CONFIG)
+            app.keyed_topics.append(processed_from)
+            self._add(self._route_stage(name, source_topic, processed_from, parse, partition_by))
+        if dedup is not None:
+            app.append_time_topics.append(source_topic)
+        dedup_store = self._table(f"{name}-dedup") if dedup is not None else None
+        state_store = self._table(name) if state is not None else None
+        for store in (dedup_store, state_store):
+            if store is not None:
+                app.eos.register_store(processed_from, store)
+        handle = self._handle(
+            name, parse, outs, key, state, dedup, dedup_store, state_store, operator,
+            validates=partition_by is None,
+        )  # fmt: skip
+        self._add(Stage(name, processed_from, handle, self._dead_letters()))
+        self.stages[name] = StageInfo(
+            name,
+            source_topic,
+            processed_from,
+            outs,
+            f"{name}-dedup" if dedup is not None else None,
+            name if state is not None else None,
+            parse,
+            dedup,
+            partition_by,
+            key,
+            state,
+            operator,
+        )
+
+    def _dead_letters(self) -> Callable[[Any, str, Out], None]:
+        return dead_letters(self.app, self.dead_letter_topic)
+
+    def _add(self, stage: Stage) -> None:
+        app = self.app
+        topic = next(t for t in app.declared_topics if t.get_topic_name() == stage.topic)
+        app.eos.register_source(stage.topic)
+        app.agent(topic, name=stage.name)(agent_for(app, stage))
+
+    def _route_stage(
+        self,
+        name: str,
+        source: str,
+        target: str,
+        parse: Callable[[bytes], Any],
+        partition_by: Callable[[Any], bytes],
+    ) -> Stage:
+        """The hop that validates and forwards each record keyed by ``partition_by``,
+        keeping its arrival as its timestamp and its place in a header."""
+        stats = self.app.stats
+        dead_letter = self._dead_letters()
+
+        def handle(record: Any, out: Out) -> None:
+            stats.seen += 1
+            event = parse(record.value or b"")
+            if isinstance(event, Invalid):
+                dead_letter(record, event.reason, out)
+                return
+            headers = [(SOURCE_HEADER, source_header(record.partition, record.offset))]
+            out.send(target, partition_by(event), record.value, record.timestamp, headers)
+
+        return Stage(f"{name}-route", source, handle, dead_letter)
+
+    def _handle(
+        self,
+        name: str,
+        parse: Callable[[bytes], Any],
+        outputs: tuple[str, ...],
+        key: Callable[[Any], bytes] | None,
+        state: Codec[Any] | None,
+        dedup: Dedup[Any] | None,
+        dedup_store: TransactionalStore | None,
+        state_store: TransactionalStore | None,
+        operator: Callable[..., Any],
+        validates: bool,
+    ) -> Callable[[Any, Out], None]:
+        settings, stats = self.settings, self.app.stats
+        dead_letter = self._dead_letters()
+        allowed = frozenset(outputs)
+        prefix = settings.topic_prefix
+        window = None
+        if dedup is not None:
+            assert dedup_store is not None
+            window = WindowedDedup(
+                dedup_store,
+                round(dedup.window.total_seconds() * 1000),
+                round(dedup.grace.total_seconds() * 1000),
+                settings.expiry_batch,
+                settings.expiry_every,
+                stats,
+                prefix=b"k",
+            )
+
+        def handle(record: Any, out: Out) -> None:
+            if validates:
+                stats.seen += 1
+            event = parse(record.value or b"")
+            if isinstance(event, Invalid):
+                dead_letter(record, event.reason, out)
+                return
+            if window is not None and not window.offer(
+                out,
+                record.partition,
+                dedup.key(event),  # type: ignore[union-attr]
+                record.timestamp,
+            ):
+                stats.duplicates_dropped += 1
+                return
+            stats.unique += 1
+            if state is None:
+                emits = operator(event)
+            else:
+                assert key is not None and state_store is not None
+                k = key(event)
+                raw = out.get(state_store, k)
+                new, emits = operator(None if raw is None else state.decode(raw), event)
+                out.put(state_store, k, None if new is None else state.encode(new))
+            for emit in emits:
+                topic = prefix + emit.topic
+                if topic not in allowed:
+                    raise ValueError(
+                        f"stage {name!r} emitted to {emit.topic!r}, not one of its outputs"
+                    )
+                out.send(topic, emit.key, emit.value, None, list(emit.headers) or None)
+
+        return handle
