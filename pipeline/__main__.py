@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from typing import Any
 
 import orjson
 
@@ -44,10 +46,30 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _declared(target: str) -> Any:
+    """The :class:`pipeline.api.Pipeline` named ``module:attribute`` (or ``module``,
+    whose ``pipe`` it is), imported from the current directory too."""
+    import importlib
+
+    from pipeline.api import Pipeline
+
+    module_name, _, attribute = target.partition(":")
+    sys.path.insert(0, os.getcwd())
+    obj = getattr(importlib.import_module(module_name), attribute or "pipe", None)
+    if not isinstance(obj, Pipeline):
+        raise SystemExit(f"{target}: not a pipeline.api.Pipeline (give module:attribute)")
+    return obj
+
+
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.tools.reconcile import reconcile
 
-    report = asyncio.run(reconcile(settings, progress=sys.stderr.isatty()))
+    if args.pipeline:
+        from pipeline.tools.reconcile_api import reconcile_pipeline
+
+        report = asyncio.run(reconcile_pipeline(_declared(args.pipeline)))
+    else:
+        report = asyncio.run(reconcile(settings, progress=sys.stderr.isatty()))
     if args.metrics_file:
         from pipeline.tools.reconcile import write_metrics
 
@@ -62,17 +84,32 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from pipeline.tools.procs import drained
+    from pipeline.tools.procs import drained, drained_topics
 
+    if args.pipeline:
+        pipe = _declared(args.pipeline)
+        settings = pipe.settings
+        topics = []
+        for info in pipe.stages.values():
+            topics += [info.source, info.processed_from]
+        topics = list(dict.fromkeys(topics))
+        names = ", ".join(topics)
+    else:
+        names = (
+            f"{settings.topic_raw} -> {settings.by_order_topic} -> {settings.topic_unique} -> "
+            f"{settings.deltas_topic}"
+        )
     deadline = time.monotonic() + (args.wait or 0)
     while True:
-        done, total = asyncio.run(drained(settings))
+        if args.pipeline:
+            done, total = asyncio.run(drained_topics(settings, topics))
+        else:
+            done, total = asyncio.run(drained(settings))
         if not args.wait or done >= total or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     print(
-        f"{settings.topic_raw} -> {settings.by_order_topic} -> {settings.topic_unique} -> "
-        f"{settings.deltas_topic}: "
+        f"{names}: "
         f"{done} of {total} records committed by group {settings.app_id} (lag {total - done})"
     )
     return 0 if done >= total else 1
@@ -129,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_produce)
 
     p = sub.add_parser("reconcile", help="prove exactly-once between input and outputs")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        metavar="MODULE[:NAME]",
+        help="a pipeline declared with pipeline.api (its Pipeline object, 'pipe' by default)"
+        " instead of the order pipeline, e.g. examples.payments.app",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument(
         "--metrics-file",
@@ -139,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_reconcile)
 
     p = sub.add_parser("status", help="input records committed by the worker group, and lag")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        metavar="MODULE[:NAME]",
+        help="a pipeline declared with pipeline.api instead of the order pipeline",
+    )
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for lag 0")
     p.set_defaults(func=_status)
 

@@ -22,7 +22,11 @@ show the gap is real; ``PIPELINE_DISABLE_FIX=name,...`` turns fixes off):
 ``fatal-commit``
     Commit, begin and abort errors other than ``ProducerFenced`` are logged and
     swallowed; the worker goes on with a broken transaction. Here any failure in the
-    commit path ends the process (``os._exit``) so it restarts clean from committed state.
+    commit path ends the process (``os._exit``) so it restarts clean from committed state,
+    except a fence met before ``commit_transaction`` itself: another producer owns the
+    partition's transactional id, nothing of the transaction committed, and the partition
+    is given up until the group assigns it again. A fenced partition is never taken back
+    with a new producer of ours, whose ``InitProducerId`` would fence its new owner.
 ``flush-before-commit``
     The commit path does not wait for the ``send_soon`` buffer or for in-flight sends;
     a record still in a buffer is not part of the transaction that commits its offset.
