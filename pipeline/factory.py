@@ -72,6 +72,16 @@ class PipelineApp(EngineApp):
             self.recoveries.observe(time.monotonic() - self.rebalance_started)
             self.rebalance_started = None
 
+    def on_webserver_init(self, web: Any) -> None:
+        # Faust's hook for its web server (the aiohttp driver's application, before it
+        # serves): the bearer token, when set, guards every route (pipeline.web).
+        super().on_webserver_init(web)
+        from pipeline.web import token_guard
+
+        guard = token_guard(self.settings)
+        if guard is not None:
+            web.web_app.middlewares.append(guard)
+
     async def on_first_start(self) -> None:
         # Source and output topics are declared here, before the consumer subscribes,
         # with the partition count of the settings (Faust declares only internal ones).

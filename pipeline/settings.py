@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,12 +22,19 @@ class Guarantee(StrEnum):
     AT_LEAST_ONCE = "at_least_once"
 
 
+#: the shortest web token taken (``PIPELINE_WEB_TOKEN``, ``PIPELINE_METRICS_TOKEN``)
+MIN_TOKEN_CHARS = 16
+
 #: bind addresses that mean "every interface": never an address to reach a worker at
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PIPELINE_", frozen=True, extra="ignore")
+    # hide_input_in_errors: pydantic's message names the value it refused, and a
+    # refused token (too short, say) is still a secret: it must not reach a log.
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     app_id: str = "orders-pipeline"
     #: Goes before the name of every topic a pipeline declared through
@@ -72,6 +79,11 @@ class Settings(BaseSettings):
     #: (any table's raw rows, for any key). Off: they bypass the views' validation
     #: and answer with business data nobody asked this app to publish.
     web_faust_pages: bool = False
+    #: A bearer token every web route asks for (``Authorization: Bearer <token>``), but
+    #: the dashboard page itself, which holds no data and asks for it. None: no token.
+    web_token: SecretStr | None = None
+    #: The token of ``/metrics`` alone, for Prometheus (default: ``web_token``).
+    metrics_token: SecretStr | None = None
     #: Test-only: name of a commit step at which the worker calls ``os._exit``.
     crash_at: str | None = None
     #: Test-only: name of a commit step that fails (the transaction is aborted and an
@@ -115,6 +127,17 @@ class Settings(BaseSettings):
     topic_deltas: str | None = None
     #: the input rekeyed by order_id (internal); default "<app_id>-raw-by-order"
     topic_by_order: str | None = None
+
+    @field_validator("web_token", "metrics_token")
+    @classmethod
+    def _strong(cls, value: SecretStr | None) -> SecretStr | None:
+        # A blank token (an unset secret, say) would leave the views open without a
+        # word; a short one would not resist guessing. The value is never in a message.
+        if value is not None and len(value.get_secret_value().strip()) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"a web token must have at least {MIN_TOKEN_CHARS} characters (not blank)"
+            )
+        return value
 
     @field_validator("web_advertised_host")
     @classmethod

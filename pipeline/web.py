@@ -19,10 +19,12 @@ standby buffer (records not yet applied) until it is promoted and recovered.
 
 from __future__ import annotations
 
+import hmac
 import json
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web as aiohttp_web
 from faust.web import Request, Response, View
 
 from pipeline.domain.models import MAX_ID_CHARS
@@ -30,6 +32,7 @@ from pipeline.domain.orders import Balance, Order
 
 if TYPE_CHECKING:
     from pipeline.factory import PipelineApp
+    from pipeline.settings import Settings
     from pipeline.topology import Topology
 
 
@@ -47,6 +50,47 @@ def _answer(view: View, body: dict[str, Any]) -> Response:
     if view.app.rebalancing:
         response.headers["X-Pipeline-Stale"] = "possibly"
     return response
+
+
+def token_guard(settings: Settings) -> Any:
+    """The aiohttp middleware that asks every request for the bearer token, or None
+    when no token is set (``PIPELINE_WEB_TOKEN``, ``PIPELINE_METRICS_TOKEN``).
+
+    A missing, malformed or wrong token gets the same 401, which never says which it
+    was. Faust's ``table_route`` forwards a request with its headers, so a view asked on
+    a worker that does not own the key is checked again by the owner. The dashboard page
+    (``GET /``) is static and holds no data: a browser cannot attach a bearer token to a
+    page it opens, so the page asks for the token and sends it with its requests.
+    """
+    web_token = settings.web_token.get_secret_value() if settings.web_token else None
+    metrics = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    if web_token is None and metrics is None:
+        return None
+    tokens = {"web": web_token, "metrics": metrics or web_token}
+
+    @aiohttp_web.middleware
+    async def guard(request: Any, handler: Any) -> Any:
+        path = request.path
+        if path == "/" and request.method in ("GET", "HEAD"):
+            return await handler(request)
+        expected = tokens["metrics" if path == "/metrics" else "web"]
+        if expected is not None and not _bearer_is(request.headers.get("Authorization"), expected):
+            return aiohttp_web.json_response(
+                {"error": "unauthorized"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="pipeline"'},
+            )
+        return await handler(request)
+
+    return guard
+
+
+def _bearer_is(header: str | None, token: str) -> bool:
+    scheme, _, given = (header or "").partition(" ")
+    # compare_digest: as long whatever the given token's first wrong character.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
 
 
 def install_common(app: PipelineApp) -> None:

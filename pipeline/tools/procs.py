@@ -120,10 +120,12 @@ class Worker:
         import json
         import urllib.request
 
+        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}/stats")
+        token = self.env.get("PIPELINE_WEB_TOKEN")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.web_port}/stats", timeout=2
-            ) as resp:
+            with urllib.request.urlopen(request, timeout=2) as resp:
                 data: dict[str, object] = json.loads(resp.read())
                 return data
         except (OSError, ValueError):

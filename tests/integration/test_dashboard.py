@@ -152,3 +152,49 @@ async def test_dashboard_shows_live_counters_and_looks_up_state(
     worker.kill9()
     await expect(page.locator("#updated")).to_contain_text("worker unreachable", timeout=10_000)
     await page.close()
+
+
+async def test_with_a_token_the_dashboard_asks_once_and_keeps_it_for_the_tab(
+    settings: Settings, make_worker: Callable[..., Worker], browser: Browser
+) -> None:
+    token = "dashboard-token-0123456789"
+    count = 300
+    await feed(settings, count, seed=9, dup_rate=0.2, bad_rate=0.0)
+    worker = make_worker("w0", PIPELINE_WEB_TOKEN=token)
+    worker.start()
+    await wait_drained(settings, [worker], timeout=150)
+    base = f"http://127.0.0.1:{worker.web_port}"
+    page = await browser.new_page()
+    prompts: list[str] = []
+
+    async def answer(dialog: Any) -> None:  # Playwright awaits an async handler
+        prompts.append(dialog.message)
+        await dialog.accept(token)
+
+    page.on("dialog", answer)
+    await page.goto(base + "/")
+    await expect(page.locator('[data-counter="seen"]')).to_have_text(f"{count:,}", timeout=15_000)
+    assert len(prompts) == 1 and "PIPELINE_WEB_TOKEN" in prompts[0]
+    # Lookups send it too; a reload of the tab keeps it (no second prompt).
+    await page.fill("#order-id", "o1")
+    await page.click("#order-form button")
+    await expect(page.locator("#order-out")).to_contain_text('"order_id": "o1"')
+    await page.reload()
+    await expect(page.locator('[data-counter="seen"]')).to_have_text(f"{count:,}", timeout=15_000)
+    assert len(prompts) == 1
+    # A new tab (no token kept) that declines the prompt is told, and not asked again.
+    page.remove_listener("dialog", answer)
+    other = await browser.new_page()
+    declined: list[str] = []
+
+    async def decline(dialog: Any) -> None:
+        declined.append(dialog.message)
+        await dialog.dismiss()
+
+    other.on("dialog", decline)
+    await other.goto(base + "/")
+    await expect(other.locator("#updated")).to_contain_text("401", timeout=10_000)
+    await asyncio.sleep(2.5)  # two more polls
+    assert len(declined) == 1
+    await page.close()
+    await other.close()

@@ -153,3 +153,15 @@ def test_window_ms_is_not_truncated_by_float_error(
     s = Settings()
     expected = round(float(seconds) * 1000)
     assert (s.dedup_window_ms, s.dedup_grace_ms) == (expected, expected)
+
+
+TOKEN = "t0k3n-for-the-views-0123456789"
+
+
+def test_a_blank_or_short_web_token_is_refused_and_never_echoed() -> None:
+    for bad in ("", "   ", "short-token"):
+        with pytest.raises(ValueError, match="at least 16 characters") as err:
+            Settings(web_token=bad)  # type: ignore[arg-type]
+        assert bad.strip() == "" or bad not in str(err.value)
+    settings = Settings(web_token=TOKEN)  # type: ignore[arg-type]
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings.model_dump())
