@@ -28,12 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 async def _wait_log(worker: Worker, text: str, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while text not in worker.log_path.read_text(errors="replace"):
-        if loop.time() > deadline or not worker.alive:
-            raise AssertionError(f"{text!r} not in {worker.name}'s log\n{worker.log_tail()}")
-        await asyncio.sleep(0.1)
+    await _wait_log_any(worker, (text,), timeout)
 
 
 async def test_zombie_in_the_middle_of_a_commit_is_fenced(
