@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from faust.types import TP
 
 from pipeline.eos.coordinator import Coordinator
@@ -58,3 +59,43 @@ def test_a_new_partition_continues_from_the_group_commit() -> None:
     st = coord.partitions[TP0]
     assert (st.expected, st.committed) == (7, 7)
     assert store.discarded == []
+
+
+class _StoreWithState(Store):
+    transactional = True
+    changelog_topic_name = "t-changelog"
+
+    def persisted_offset(self, tp: TP) -> int | None:
+        return 41  # the table holds committed state of the partition
+
+
+def _filled(committed_here: int | None, monkeypatch: pytest.MonkeyPatch) -> dict[TP, int | None]:
+    """``_fill_from_progress`` when the group shows no offset and the progress topic has
+    no record for :data:`TP0`, whose table holds state."""
+    coord = Coordinator(Settings())
+    coord.stores[TP0.topic] = [_StoreWithState()]  # type: ignore[list-item]
+    coord.state(TP0).committed = committed_here
+
+    async def no_progress(tps: list[TP]) -> dict[TP, int]:
+        return {}
+
+    def fatal(message: str, exc: BaseException | None = None) -> None:
+        raise SystemExit(message)
+
+    monkeypatch.setattr(coord, "_progress", no_progress)
+    monkeypatch.setattr("pipeline.eos.coordinator.fatal", fatal)
+    return asyncio.run(coord._fill_from_progress({TP0: None}))
+
+
+def test_our_own_commit_not_yet_visible_is_no_lost_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in a chaos soak: a second recovery of one assignment, moments after the
+    # worker's own commits, found neither the group's offset nor the progress record yet
+    # (both wait for the commit markers) and ended the worker. Settle uses ours.
+    assert _filled(committed_here=30, monkeypatch=monkeypatch) == {TP0: None}
+
+
+def test_a_partition_with_state_and_no_offset_anywhere_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(SystemExit, match="no committed offset and no progress record"):
+        _filled(committed_here=None, monkeypatch=monkeypatch)
