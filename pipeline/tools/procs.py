@@ -115,12 +115,19 @@ class Worker:
         except subprocess.TimeoutExpired:
             return None
 
+    @property
+    def web_address(self) -> str:
+        """Where this worker's web server answers: its bind address, or loopback when it
+        binds every interface."""
+        host = self.env.get("PIPELINE_WEB_HOST", "127.0.0.1")
+        return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
     def stats(self) -> dict[str, object] | None:
         """The worker's ``/stats``, or ``None`` while it does not answer."""
         import json
         import urllib.request
 
-        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}/stats")
+        request = urllib.request.Request(f"http://{self.web_address}:{self.web_port}/stats")
         token = self.env.get("PIPELINE_WEB_TOKEN")
         if token:
             request.add_header("Authorization", f"Bearer {token}")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.admin import declare_topics, drop_topics
 from pipeline.settings import Settings
+from pipeline.tools.procs import ROOT, free_port
 
 from .harness import Worker, broker_url, settings_from, unique_env
 
@@ -73,3 +76,24 @@ def make_worker(env: dict[str, str], tmp_path: Path) -> Iterator[object]:
     yield make
     for w in workers:
         w.kill9()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A broker of the test's own (scripts/kafka with its own port and state
+    directory), for tests that restart it: the other tests' broker must not go away."""
+    port, controller = free_port(), free_port()
+    env = {
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(controller),
+        "KAFKA_HOME": str(tmp_path / "kafka"),
+    }
+    # The chaos run restarts "the broker" through scripts/kafka with this environment.
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    script = str(ROOT / "scripts" / "kafka")
+    subprocess.run(["bash", script, "start"], check=True, env={**os.environ, **env})
+    try:
+        yield f"kafka://127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", script, "stop"], check=False, env={**os.environ, **env})

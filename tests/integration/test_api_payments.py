@@ -1,6 +1,7 @@
 """The payments example (``examples/payments/app.py``), a pipeline of the public API, run
-as Faust workers through a kill -9 and a frozen worker taken over, then checked twice:
-by ``reconcile`` for declared pipelines, and against the test's own accounting of the
+as Faust workers through a kill -9, a broker kill -9 and restart, and a frozen worker
+taken over (on a broker of its own, which it restarts), then checked twice: by
+``reconcile`` for declared pipelines, and against the test's own accounting of the
 notices it sent (per merchant: settled cents, settled and failed notices)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import random
 import runpy
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 from pipeline.api import Pipeline
 from pipeline.kafka_io import produce, read_topic
 from pipeline.tools.generate import Record
-from pipeline.tools.procs import Worker, drained_topics
+from pipeline.tools.procs import ROOT, Worker, drained_topics
 from pipeline.tools.reconcile_api import reconcile_pipeline
 
 from .harness import settings_from
@@ -78,10 +80,14 @@ async def _wait(pipe: Pipeline, workers: list[Worker], at_least: float, timeout:
         await asyncio.sleep(0.3)
 
 
-async def test_the_payments_example_is_exactly_once_through_a_kill_and_a_zombie(
-    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_the_payments_example_is_exactly_once_through_kills_and_a_zombie(
+    env: dict[str, str], own_broker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = {**env, "PIPELINE_TOPIC_PREFIX": env["PIPELINE_APP_ID"] + "."}
+    env = {
+        **env,
+        "PIPELINE_BROKER": own_broker,
+        "PIPELINE_TOPIC_PREFIX": env["PIPELINE_APP_ID"] + ".",
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     # The test's own copy of the declaration, under the test's settings (for reconcile).
@@ -110,7 +116,13 @@ async def test_the_payments_example_is_exactly_once_through_a_kill_and_a_zombie(
         assert await produce(settings.bootstrap_servers, source, second) == len(second)
         await asyncio.sleep(1)
         a.start()
-        await _wait(pipe, [a, b], at_least=0.7, timeout=240)
+        await _wait(pipe, [a, b], at_least=0.5, timeout=240)
+        # The broker killed and started (its environment is the test's own broker's):
+        # every open transaction is aborted, every client reconnects.
+        kafka = str(ROOT / "scripts" / "kafka")
+        await asyncio.to_thread(subprocess.run, ["bash", kafka, "kill"], check=True)
+        await asyncio.to_thread(subprocess.run, ["bash", kafka, "start"], check=True)
+        await _wait(pipe, [a, b], at_least=0.7, timeout=300)
         assert b.proc is not None
         b.proc.send_signal(signal.SIGSTOP)  # frozen past its session: a taken-over zombie
         try:

@@ -8,36 +8,14 @@ the broker restart must not break the other tests' broker.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.tools.chaos import BROKER, KILL, KILL_REBALANCING, STOP, Plan, kinds_of, run_chaos
-from pipeline.tools.procs import ROOT, free_port, settings_from
+from pipeline.tools.procs import settings_from
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    port, controller = free_port(), free_port()
-    env = {
-        "KAFKA_PORT": str(port),
-        "KAFKA_CONTROLLER_PORT": str(controller),
-        "KAFKA_HOME": str(tmp_path / "kafka"),
-    }
-    # The chaos run restarts "the broker" through scripts/kafka with this environment.
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    script = str(ROOT / "scripts" / "kafka")
-    subprocess.run(["bash", script, "start"], check=True, env={**os.environ, **env})
-    try:
-        yield f"kafka://127.0.0.1:{port}"
-    finally:
-        subprocess.run(["bash", script, "stop"], check=False, env={**os.environ, **env})
 
 
 async def test_chaos_short_run_is_exactly_once(own_broker: str, tmp_path: Path) -> None:
