@@ -58,9 +58,7 @@ async def test_every_view_is_answered_by_the_owner_at_its_advertised_address(
         answers = set()
         for w in workers:
             host = "127.0.0.2" if w is a else "127.0.0.3"
-            status, body = await asyncio.to_thread(
-                _get, f"http://{host}:{w.web_port}/orders/o{n}"
-            )
+            status, body = await asyncio.to_thread(_get, f"http://{host}:{w.web_port}/orders/o{n}")
             assert status in (200, 404), (w.name, n, status, body)
             answers.add((status, body))
         assert len(answers) == 1, (n, answers)  # both give the owner's answer
