@@ -41,6 +41,9 @@ _FAUST_ENV = (
 #: third of its events/s.
 MAX_POLL_RECORDS = 4_000
 
+#: The consumer's metadata refresh interval (see create_app).
+METADATA_MAX_AGE_MS = 10_000
+
 
 class PipelineApp(EngineApp):
     """``faust.App`` with our exactly-once engine (:class:`EngineApp`) and topic bootstrap."""
@@ -199,6 +202,12 @@ def create_app(settings: Settings) -> PipelineApp:
         # records parsed into Python objects at once on a backlog, most of them
         # waiting for a stage's queue. See MAX_POLL_RECORDS.
         broker_max_poll_records=MAX_POLL_RECORDS,
+        # How stale the consumer's view of the topics may grow. aiokafka's default, 5
+        # minutes, is how long a group stayed assigned nothing in a test: a worker that
+        # started while the broker restarted led the group with metadata that lacked the
+        # topics ("Ignoring missing topic"), and the group rebalanced onto them only at
+        # the next refresh. One metadata request per 10 s per worker is cheap.
+        consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
     app.settings = settings
     app.eos = Coordinator(settings)

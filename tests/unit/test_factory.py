@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline.factory import MAX_POLL_RECORDS, create_app
+from pipeline.factory import MAX_POLL_RECORDS, METADATA_MAX_AGE_MS, create_app
 from pipeline.settings import Settings
 
 
@@ -96,3 +96,11 @@ def test_fausts_own_table_and_router_pages_are_off_unless_asked_for(tmp_path: Pa
     on = create_app(Settings(app_id="t-factory", datadir=tmp_path, web_faust_pages=True))
     served = [prefix for prefix, _ in on.web.blueprints._enabled]
     assert "/router" in served and "/table" in served
+
+
+def test_the_consumer_refreshes_its_view_of_the_topics_within_seconds(tmp_path: Path) -> None:
+    # A group led with metadata that lacks its topics (a worker started while the broker
+    # restarted) is assigned nothing until the next refresh: aiokafka's default, 5
+    # minutes, failed the payments example's test in CI.
+    app = create_app(Settings(app_id="t-factory", datadir=tmp_path))
+    assert app.conf.consumer_metadata_max_age_ms == METADATA_MAX_AGE_MS <= 30_000
