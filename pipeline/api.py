@@ -40,7 +40,8 @@ from typing import Any, Generic, TypeVar, overload
 
 from pipeline.admin import LARGE_CONFIG, RAW_CONFIG
 from pipeline.agents.dedup import WindowedDedup
-from pipeline.agents.sending import agent_for, dead_letters, direct_send
+from pipeline.agents.sending import agent_for, direct_send
+from pipeline.agents.sending import dead_letters as dead_letters_to
 from pipeline.domain.route import SRC, source_header
 from pipeline.eos.faust.store import TransactionalStore
 from pipeline.eos.stage import Out, Stage
@@ -153,6 +154,9 @@ class Pipeline:
         install_common(self.app)
         self.app.eos.send_direct = direct_send(self.app)
         self.dead_letter_topic = self.topic_name(dead_letters or f"{name}.dlq")
+        self._dead_letter = dead_letters_to(self.app, self.dead_letter_topic)
+        #: the topics declared, by name (the Faust topic an agent reads)
+        self._topics: dict[str, Any] = {}
         self._declare(self.dead_letter_topic, {})
         self.stages: dict[str, StageInfo] = {}
 
@@ -217,19 +221,18 @@ class Pipeline:
 
     def _declare(self, topic: str, config: dict[str, str]) -> None:
         app = self.app
-        if topic in app.topic_overrides:
+        if topic in self._topics:
             return
         app.topic_overrides[topic] = config
-        app.declared_topics.append(
-            app.topic(
-                topic,
-                key_type=bytes,
-                value_type=bytes,
-                key_serializer="raw",
-                value_serializer="raw",
-                partitions=self.settings.partitions,
-            )
+        declared = self._topics[topic] = app.topic(
+            topic,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=self.settings.partitions,
         )
+        app.declared_topics.append(declared)
 
     def _table(self, name: str) -> TransactionalStore:
         table = self.app.Table(
@@ -275,10 +278,11 @@ class Pipeline:
             if store is not None:
                 app.eos.register_store(processed_from, store)
         handle = self._handle(
-            name, parse, outs, key, state, dedup, dedup_store, state_store, operator,
+            name, parse, dict(zip(outputs, outs, strict=True)), key, state, dedup, dedup_store,
+            state_store, operator,
             validates=partition_by is None,
         )  # fmt: skip
-        self._add(Stage(name, processed_from, handle, self._dead_letters()))
+        self._add(Stage(name, processed_from, handle, self._dead_letter))
         self.stages[name] = StageInfo(
             name,
             source_topic,
@@ -294,14 +298,10 @@ class Pipeline:
             operator,
         )
 
-    def _dead_letters(self) -> Callable[[Any, str, Out], None]:
-        return dead_letters(self.app, self.dead_letter_topic)
-
     def _add(self, stage: Stage) -> None:
         app = self.app
-        topic = next(t for t in app.declared_topics if t.get_topic_name() == stage.topic)
         app.eos.register_source(stage.topic)
-        app.agent(topic, name=stage.name)(agent_for(app, stage))
+        app.agent(self._topics[stage.topic], name=stage.name)(agent_for(app, stage))
 
     def _route_stage(
         self,
@@ -314,7 +314,7 @@ class Pipeline:
         """The hop that validates and forwards each record keyed by ``partition_by``,
         keeping its arrival as its timestamp and its place in a header."""
         stats = self.app.stats
-        dead_letter = self._dead_letters()
+        dead_letter = self._dead_letter
 
         def handle(record: Any, out: Out) -> None:
             stats.seen += 1
@@ -331,7 +331,7 @@ class Pipeline:
         self,
         name: str,
         parse: Callable[[bytes], Any],
-        outputs: tuple[str, ...],
+        outputs: dict[str, str],
         key: Callable[[Any], bytes] | None,
         state: Codec[Any] | None,
         dedup: Dedup[Any] | None,
@@ -341,9 +341,7 @@ class Pipeline:
         validates: bool,
     ) -> Callable[[Any, Out], None]:
         settings, stats = self.settings, self.app.stats
-        dead_letter = self._dead_letters()
-        allowed = frozenset(outputs)
-        prefix = settings.topic_prefix
+        dead_letter = self._dead_letter
         window = None
         if dedup is not None:
             assert dedup_store is not None
@@ -382,8 +380,9 @@ class Pipeline:
                 new, emits = operator(None if raw is None else state.decode(raw), event)
                 out.put(state_store, k, None if new is None else state.encode(new))
             for emit in emits:
-                topic = prefix + emit.topic
-                if topic not in allowed:
+                # declared name -> the broker's (prefixed) name, or None: not an output
+                topic = outputs.get(emit.topic)
+                if topic is None:
                     raise ValueError(
                         f"stage {name!r} emitted to {emit.topic!r}, not one of its outputs"
                     )
