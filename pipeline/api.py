@@ -47,7 +47,7 @@ from pipeline.eos.faust.store import TransactionalStore
 from pipeline.eos.stage import Out, Stage
 from pipeline.factory import PipelineApp, create_app
 from pipeline.settings import Settings
-from pipeline.web import install_common
+from pipeline.web import install_common, state_view
 
 __all__ = ["JSON", "SOURCE_HEADER", "Codec", "Dedup", "Emit", "Invalid", "Pipeline", "StageInfo"]
 
@@ -91,10 +91,13 @@ class Dedup(Generic[E]):
 
 @dataclass(frozen=True, slots=True)
 class Codec(Generic[S]):
-    """How a stage's state is stored: ``encode`` to bytes and ``decode`` back."""
+    """How a stage's state is stored: ``encode`` to bytes and ``decode`` back. ``show``
+    turns a decoded state into what ``json.dumps`` takes, for the state's web view
+    (``GET /stages/<stage>/state/<key>``); by default the decoded state itself."""
 
     encode: Callable[[S], bytes]
     decode: Callable[[bytes], S]
+    show: Callable[[S], Any] | None = None
 
 
 def _json_encode(value: Any) -> bytes:
@@ -234,13 +237,12 @@ class Pipeline:
         )
         app.declared_topics.append(declared)
 
-    def _table(self, name: str) -> TransactionalStore:
+    def _table(self, name: str) -> Any:
         table = self.app.Table(
             name, key_type=bytes, value_type=bytes, partitions=self.settings.partitions
         )
-        store = table.data
-        assert isinstance(store, TransactionalStore)
-        return store
+        assert isinstance(table.data, TransactionalStore)
+        return table
 
     def _wire(
         self,
@@ -272,8 +274,12 @@ class Pipeline:
             self._add(self._route_stage(name, source_topic, processed_from, parse, partition_by))
         if dedup is not None:
             app.append_time_topics.append(source_topic)
-        dedup_store = self._table(f"{name}-dedup") if dedup is not None else None
-        state_store = self._table(name) if state is not None else None
+        dedup_store = self._table(f"{name}-dedup").data if dedup is not None else None
+        state_table = self._table(name) if state is not None else None
+        state_store = state_table.data if state_table is not None else None
+        if state_table is not None:
+            assert state is not None
+            state_view(self.app, name, state_table, state)
         for store in (dedup_store, state_store):
             if store is not None:
                 app.eos.register_store(processed_from, store)

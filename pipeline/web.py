@@ -31,6 +31,7 @@ from pipeline.domain.models import MAX_ID_CHARS
 from pipeline.domain.orders import Balance, Order
 
 if TYPE_CHECKING:
+    from pipeline.api import Codec
     from pipeline.factory import PipelineApp
     from pipeline.settings import Settings
     from pipeline.topology import Topology
@@ -121,6 +122,41 @@ def install_common(app: PipelineApp) -> None:
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
             return self.bytes(render(registry), content_type=CONTENT_TYPE)
+
+
+#: The longest key a state view takes, in characters: a path is no place for more.
+MAX_VIEW_KEY_CHARS = 1024
+
+
+def state_view(app: PipelineApp, stage: str, table: Any, codec: Codec[Any]) -> None:
+    """``GET /stages/<stage>/state/<key>``: a stateful stage's state of ``key`` (the
+    key's UTF-8 bytes, as the stage's ``key`` function gives them), served by the worker
+    that owns the key, as the order views are. 404 when there is none."""
+    show = codec.show
+
+    @app.page(f"/stages/{stage}/state/{{key}}", name=f"state-{stage}")
+    class StateView(View):
+        @app.table_route(table=table, match_info="key")  # type: ignore[arg-type]
+        async def get(self, request: Request, *args: Any, key: str = "", **kw: Any) -> Response:
+            if not 1 <= len(key) <= MAX_VIEW_KEY_CHARS or any(ord(c) < 32 for c in key):
+                return self.json(
+                    {"error": f"a key has 1 to {MAX_VIEW_KEY_CHARS} characters, none a control"},
+                    status=400,
+                )
+            raw = table.get(key.encode())
+            if raw is None:
+                return self.json({"error": "no state for this key", "key": key}, status=404)
+            state = codec.decode(raw)
+            try:
+                return _answer(
+                    self, {"stage": stage, "key": key, "state": show(state) if show else state}
+                )
+            except (TypeError, ValueError):
+                # A codec of the user's own whose states json cannot write.
+                return self.json(
+                    {"error": f"stage {stage!r}: its state is not JSON; give Codec(show=...)"},
+                    status=500,
+                )
 
 
 def install(topo: Topology) -> None:
