@@ -7,7 +7,8 @@ them. The exactly-once facts live in the topics and are proven by ``reconcile``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -20,6 +21,14 @@ class Stats:
     changes: int = 0
     coupons: int = 0
     expired_ids: int = 0
+    #: records sent per output topic by the stages of :mod:`pipeline.api`
+    outputs: Counter[str] = field(default_factory=Counter)
+    #: counters that are the records sent to one output topic (counter -> topic): the
+    #: order pipeline's ``changes``, ``rejected`` and ``coupons``
+    counted_as: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.type == "int"}
+        for name, topic in self.counted_as.items():
+            counts[name] = self.outputs[topic]
+        return counts

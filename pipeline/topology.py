@@ -1,102 +1,132 @@
-"""The one place that declares topics and tables (:func:`declare`).
+"""The order pipeline, declared through the public API (:mod:`pipeline.api`), as any
+user's pipeline is (:func:`declare`).
 
-The agents and web views are wired onto it by :func:`pipeline.worker.build`.
+Three stages, each a declaration of the contract (``../shared/CONTRACT.md``):
+
+1. ``dedup`` forwards every distinct ``event_id`` of ``orders.raw`` once to
+   ``orders.unique``. Its hop first validates each record and rekeys it by its
+   ``order_id`` (the internal topic ``<app>-raw-by-order``): every copy of an event,
+   keyed or not, then meets the one partition of the dedup table that owns its order,
+   and the records of one input partition keep their order there;
+2. ``orders``, the state machine (:func:`pipeline.domain.orders.transition`) on the
+   ``orders`` table: ``orders.changes``, ``orders.rejected``, ``coupons.issued``, and
+   balance deltas keyed by ``user_id`` into ``<app>-balance-deltas``;
+3. ``balances`` adds each delta to the user's row of ``users.balances``.
+
+The web views are wired onto it by :func:`pipeline.worker.build`. The names of the
+tables and internal topics are those the pipeline had before it was declared through
+the API: a deployment's state and the records in flight stay where they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from faust.types import TopicT
-
-from pipeline.eos.faust.store import TransactionalStore
-from pipeline.factory import PipelineApp, create_app
+from pipeline.api import Codec, Dedup, Emit, Invalid, Keyed, Pipeline
+from pipeline.domain.models import BadInput, OrderEvent, parse_event
+from pipeline.domain.orders import (
+    Balance,
+    BalanceDelta,
+    Order,
+    apply_delta,
+    order_step,
+    parse_delta,
+)
+from pipeline.factory import PipelineApp
 from pipeline.settings import Settings
 
 
 @dataclass
 class Topology:
     settings: Settings
+    pipe: Pipeline
     app: PipelineApp
-    raw: TopicT
-    by_order: TopicT
-    unique: TopicT
-    dlq: TopicT
-    dedup_table: Any
-    dedup_store: TransactionalStore
-    changes: TopicT
-    rejected: TopicT
-    coupons: TopicT
-    deltas: TopicT
+    #: None when ``PIPELINE_STAGES=dedup`` (bench) leaves the later stages out
     orders_table: Any
     balances_table: Any
 
 
-def _topic(app: PipelineApp, name: str, partitions: int) -> TopicT:
-    topic = app.topic(
-        name,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=partitions,
-    )
-    app.declared_topics.append(topic)
-    return topic
+ORDER: Codec[Order] = Codec(Order.encode, Order.decode, show=Order.to_json)
+BALANCE: Codec[Balance] = Codec(Balance.encode, Balance.decode, show=Balance.to_json)
+
+
+def parse_order(value: bytes, key: bytes | None) -> OrderEvent | Invalid:
+    """An ``orders.raw`` record, judged by the contract (its key must be its order's)."""
+    parsed = parse_event(value, key)
+    return Invalid(parsed.reason) if isinstance(parsed, BadInput) else parsed
+
+
+def parse_balance_delta(value: bytes) -> BalanceDelta | Invalid:
+    delta = parse_delta(value)
+    return Invalid(delta) if isinstance(delta, str) else delta
 
 
 def declare(settings: Settings) -> Topology:
-    """A new app with every topic and table declared (no agents yet)."""
-    app = create_app(settings)
-    n = settings.partitions
-    raw = _topic(app, settings.topic_raw, n)
-    # orders.raw rekeyed by the order_id in the value (pipeline.agents.route): internal.
-    by_order = _topic(app, settings.by_order_topic, n)
-    unique = _topic(app, settings.topic_unique, n)
-    dlq = _topic(app, settings.topic_dlq, n)
-
-    # event_id -> arrival of its accepted copy; partitioned like the rekeyed input (by
-    # order_id), so all copies of an event meet the same partition's state.
-    dedup_table = app.Table(
+    """The order pipeline's app, every stage declared (no web views yet)."""
+    if settings.topic_prefix:
+        # The order pipeline's topics have names of their own (PIPELINE_TOPIC_*), which
+        # reconcile, chaos and produce read: a prefix they do not know would split them.
+        raise ValueError(
+            "PIPELINE_TOPIC_PREFIX is for pipelines of pipeline.api; name the order "
+            "pipeline's topics with PIPELINE_TOPIC_RAW, PIPELINE_TOPIC_UNIQUE, ..."
+        )
+    s = settings
+    pipe = Pipeline(s.app_id, dead_letters=s.topic_dlq, settings=s)
+    app = pipe.app
+    app.order_topics = True
+    parse = Keyed(parse_order)
+    pipe.dedup(
         "dedup",
-        # bytes key and value types make Faust pick the "raw" serializer: no JSON here.
-        key_type=bytes,
-        value_type=bytes,
-        partitions=n,
-        # Tombstones of expired ids must outlive a restore; compaction drops them later.
-        extra_topic_configs={"delete.retention.ms": str(24 * 3600 * 1000)},
+        source=s.topic_raw,
+        parse=parse,
+        dedup=Dedup(
+            key=lambda e: e.event_id.encode(),
+            window=timedelta(milliseconds=s.dedup_window_ms),
+            grace=timedelta(milliseconds=s.dedup_grace_ms),
+        ),
+        to=s.topic_unique,
+        partition_by=lambda e: e.order_id.encode(),
+        table="dedup",
+        through=s.by_order_topic,
     )
-    store = dedup_table.data
-    assert isinstance(store, TransactionalStore)
-
-    changes = _topic(app, settings.topic_changes, n)
-    rejected = _topic(app, settings.topic_rejected, n)
-    coupons = _topic(app, settings.topic_coupons, n)
-    # The repartition hop: balance deltas keyed by user_id, so that one partition owns
-    # each user's balance. Internal; read only by the balances agent.
-    deltas = _topic(app, settings.deltas_topic, n)
-
-    # order_id -> Order (JSON); co-partitioned with orders.unique, which is keyed by
-    # order_id, so each order's events and state meet in one partition.
-    orders_table = app.Table("orders", key_type=bytes, value_type=bytes, partitions=n)
-    # user_id -> Balance (JSON); co-partitioned with the deltas topic.
-    balances_table = app.Table("users.balances", key_type=bytes, value_type=bytes, partitions=n)
-
-    topo = Topology(
-        settings,
-        app,
-        raw,
-        by_order,
-        unique,
-        dlq,
-        dedup_table,
-        store,
-        changes,
-        rejected,
-        coupons,
-        deltas,
-        orders_table,
-        balances_table,
+    if s.stages != "all":
+        # PIPELINE_STAGES=dedup (bench only): the first stage by itself.
+        return Topology(s, pipe, app, None, None)
+    changes, rejected, coupons, deltas = (
+        s.topic_changes,
+        s.topic_rejected,
+        s.topic_coupons,
+        s.deltas_topic,
     )
-    return topo
+    app.stats.counted_as.update(changes=changes, rejected=rejected, coupons=coupons)
+
+    topics = {"changes": changes, "rejected": rejected, "coupons": coupons, "deltas": deltas}
+
+    @pipe.stage(
+        "orders",
+        source=s.topic_unique,
+        parse=parse,
+        outputs=list(topics.values()),
+        key=lambda e: e.order_id.encode(),
+        state=ORDER,
+        table="orders",
+    )
+    def orders(order: Order | None, event: OrderEvent) -> tuple[Order | None, list[Emit]]:
+        row, sends = order_step(order, event)
+        return row, [Emit(topics[send.kind], send.key, send.value) for send in sends]
+
+    @pipe.stage(
+        "balances",
+        source=deltas,
+        parse=parse_balance_delta,
+        outputs=[],
+        key=lambda d: d.user_id.encode(),
+        state=BALANCE,
+        table="users.balances",
+    )
+    def balances(balance: Balance | None, delta: BalanceDelta) -> tuple[Balance, list[Emit]]:
+        return apply_delta(balance, delta), []
+
+    return Topology(s, pipe, app, pipe.tables["orders"], pipe.tables["users.balances"])

@@ -112,6 +112,7 @@ def install_common(app: PipelineApp) -> None:
                 owned.setdefault(tp.topic, []).append(tp.partition)
             body["partitions"] = {t: sorted(ps) for t, ps in sorted(owned.items())}
             body["rebalancing"] = bool(app.rebalancing)
+            body["outputs"] = dict(sorted(app.stats.outputs.items()))
             return self.json(body)
 
     from pipeline.metrics import CONTENT_TYPE, registry_for, render
@@ -160,7 +161,8 @@ def state_view(app: PipelineApp, stage: str, table: Any, codec: Codec[Any]) -> N
 
 
 def install(topo: Topology) -> None:
-    """The order pipeline's views: the dashboard, the common ones, orders and balances."""
+    """The order pipeline's views: the dashboard, orders and balances (the common ones
+    come with every :class:`pipeline.api.Pipeline`)."""
     app = topo.app
     orders_table = topo.orders_table
     balances_table = topo.balances_table
@@ -173,7 +175,8 @@ def install(topo: Topology) -> None:
         async def get(self, request: Request) -> Response:
             return self.html(dashboard)
 
-    install_common(app)
+    if orders_table is None or balances_table is None:
+        return  # PIPELINE_STAGES=dedup (bench): no state machine, no balances
 
     @app.page("/orders/{order_id}")
     class OrderView(View):

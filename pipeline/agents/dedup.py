@@ -1,19 +1,15 @@
-"""The dedup agent: the input rekeyed by ``order_id`` -> ``orders.unique``.
+"""The dedup window against a table (:class:`WindowedDedup`), for any stage of
+:mod:`pipeline.api` that dedups: the order pipeline's ``dedup`` stage and users' own.
 
-Every copy of an event reaches this stage's partition of its order (see
-:mod:`pipeline.agents.route`), already validated, with its ``event_id`` in a header and its
-arrival time as the record timestamp. The agent asks the pure decision
-(:func:`pipeline.domain.dedup.decide`) against the dedup table, writes the table and forwards
-the first copy. Everything it sends and writes while handling a record commits in the
-transaction of the record's source partition (see :mod:`pipeline.eos`).
+Whatever it reads and writes goes through the stage's :class:`pipeline.eos.stage.Out`,
+so it commits in the transaction of the record's source partition (see
+:mod:`pipeline.eos`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pipeline.agents.sending import agent_for, dead_letters
 from pipeline.domain.dedup import (
     STREAM_KEY,
     decide,
@@ -23,22 +19,11 @@ from pipeline.domain.dedup import (
     encode_seen,
     removable,
 )
-from pipeline.domain.route import EID, SRC
-from pipeline.eos.stage import Out, Stage
 
 if TYPE_CHECKING:
-    from faust.types import StreamT
-
     from pipeline.eos.faust.store import TransactionalStore
+    from pipeline.eos.stage import Out
     from pipeline.stats import Stats
-    from pipeline.topology import Topology
-
-
-def _header(headers: Any, name: str) -> bytes | None:
-    for k, v in headers or ():
-        if k == name:
-            return bytes(v)
-    return None
 
 
 class WindowedDedup:
@@ -49,7 +34,9 @@ class WindowedDedup:
     table row too: it commits, restores and moves with the partition).
 
     ``prefix`` goes before every id in the table: a user's ids may be any bytes, and
-    must never meet the stream-time row.
+    must never meet the stream-time row. Without one, an id is stored as it is unless it
+    starts with a byte below 2, which is escaped with ``\x01`` (the order pipeline's ids
+    have no control characters, so its table holds them as they are).
     """
 
     def __init__(
@@ -80,7 +67,13 @@ class WindowedDedup:
         stream_ms = arrival_ms if previous is None else max(previous, arrival_ms)
         if stream_ms != previous:
             out.put(store, STREAM_KEY, encode_ms(stream_ms))
-        key = self.prefix + event_id if self.prefix else event_id
+        if self.prefix:
+            key = self.prefix + event_id
+        elif not event_id or event_id[0] < 2:
+            # An id that could meet the table's own row (``\x00...``) or an escaped id.
+            key = b"\x01" + event_id
+        else:
+            key = event_id
         verdict = decide(
             decode_seen(out.get(store, key)), arrival_ms, stream_ms, self.window_ms, self.grace_ms
         )
@@ -106,48 +99,3 @@ class WindowedDedup:
                 out.put(store, key, None)
                 self.stats.expired_ids += 1
         self._cursor[partition] = rows[-1][0] + b"\x00" if len(rows) == batch else None
-
-
-def make_stage(topo: Topology) -> Stage:
-    settings = topo.settings
-    window = WindowedDedup(
-        topo.dedup_store,
-        settings.dedup_window_ms,
-        settings.dedup_grace_ms,
-        settings.expiry_batch,
-        settings.expiry_every,
-        topo.app.stats,
-    )
-    unique_topic = topo.unique.get_topic_name()
-    stats = topo.app.stats
-
-    def handle(record: Any, out: Out) -> None:
-        headers = record.headers
-        event_id = _header(headers, EID)
-        if event_id is None:
-            # Not written by the route stage: a foreign record on an internal topic.
-            raise ValueError(f"no {EID} header: not a record of the route stage")
-        arrival_ms = record.timestamp
-        if window.offer(out, record.partition, event_id, arrival_ms):
-            src = _header(headers, SRC)
-            out.send(
-                unique_topic,
-                record.key,
-                record.value,
-                arrival_ms,
-                [(SRC, src)] if src is not None else None,
-            )
-            stats.unique += 1
-        else:
-            stats.duplicates_dropped += 1
-
-    return Stage(
-        "dedup",
-        topo.by_order.get_topic_name(),
-        handle,
-        dead_letters(topo.app, topo.dlq.get_topic_name()),
-    )
-
-
-def make_agent(topo: Topology) -> Callable[[StreamT], Coroutine[Any, Any, None]]:
-    return agent_for(topo.app, make_stage(topo))

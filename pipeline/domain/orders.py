@@ -327,7 +327,7 @@ def apply_delta(balance: Balance | None, delta: BalanceDelta) -> Balance:
     )
 
 
-# -- the per-record decisions of the two agents ----------------------------------
+# -- the two stages' operators, and their whole per-record decisions ------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +337,37 @@ class Send:
     kind: str  # "changes" | "rejected" | "coupons" | "deltas" | "dlq"
     key: bytes
     value: bytes
+
+
+def order_step(order: Order | None, event: OrderEvent) -> tuple[Order | None, list[Send]]:
+    """The state machine stage's operator (``pipeline.topology``): the order's row after
+    ``event`` (the very row it was given when nothing is to be written: a rejection or a
+    no-op) and the records to send."""
+    after, outputs = transition(order, event)
+    okey = event.order_id.encode()
+    sends = []
+    for out in outputs:
+        if isinstance(out, Change):
+            sends.append(Send("changes", okey, orjson.dumps(out.to_json())))
+        elif isinstance(out, Rejected):
+            sends.append(Send("rejected", okey, orjson.dumps(out.to_json())))
+        elif isinstance(out, Coupon):
+            sends.append(Send("coupons", okey, orjson.dumps(out.to_json())))
+        else:
+            sends.append(Send("deltas", out.user_id.encode(), out.encode()))
+    row = to_store(order, after, outputs)
+    return (order if row is None else row), sends
+
+
+def parse_delta(value: bytes | None) -> BalanceDelta | str:
+    """A record of the deltas topic, or why it is none: the topic is internal, but a
+    foreign or corrupt record must not stall it either."""
+    try:
+        if value is None:
+            raise ValueError("value is null")
+        return BalanceDelta.decode(value)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"bad balance delta: {type(exc).__name__}: {excerpt(str(exc))}"
 
 
 @dataclass(slots=True)
@@ -354,31 +385,21 @@ def decide_order(
     where: tuple[str, int, int],
     lookup: Callable[[bytes], bytes | None],
 ) -> OrderStep:
-    """The whole per-record decision of the state machine agent (pure)."""
+    """The whole per-record decision of the state machine stage (pure): its parse, its
+    table read, its operator (:func:`order_step`). For tools that rebuild what the
+    workers write with the workers' own code (``pipeline.tools.reference``)."""
     parsed = parse_event(value, key)
     if isinstance(parsed, BadInput):
-        # Cannot come from our dedup stage (it validated), but orders.unique is a topic
-        # others may write to: never stall on it.
         topic, partition, offset = where
         dlq = dlq_value(parsed.reason, topic, partition, offset, value)
         return OrderStep(sends=[Send("dlq", dlq_key(key) or b"", dlq)])
     okey = parsed.order_id.encode()
     raw = lookup(okey)
     before = Order.decode(raw) if raw is not None else None
-    after, outputs = transition(before, parsed)
-    step = OrderStep()
-    row = to_store(before, after, outputs)
-    if row is not None:
+    row, sends = order_step(before, parsed)
+    step = OrderStep(sends=sends)
+    if row is not before and row is not None:
         step.key, step.order = okey, row.encode()
-    for out in outputs:
-        if isinstance(out, Change):
-            step.sends.append(Send("changes", okey, orjson.dumps(out.to_json())))
-        elif isinstance(out, Rejected):
-            step.sends.append(Send("rejected", okey, orjson.dumps(out.to_json())))
-        elif isinstance(out, Coupon):
-            step.sends.append(Send("coupons", okey, orjson.dumps(out.to_json())))
-        elif isinstance(out, BalanceDelta):
-            step.sends.append(Send("deltas", out.user_id.encode(), out.encode()))
     return step
 
 
@@ -387,25 +408,12 @@ def decide_balance(
     where: tuple[str, int, int],
     lookup: Callable[[bytes], bytes | None],
 ) -> tuple[bytes, bytes] | Send:
-    """The balance agent's decision: the user key and new balance, or a dead letter."""
-    try:
-        if value is None:
-            raise ValueError("value is null")
-        delta = BalanceDelta.decode(value)
-    except (ValueError, KeyError, TypeError) as exc:
-        # An internal topic, but a foreign or corrupt record must not stall it either.
+    """The balance stage's whole decision: the user key and new balance (its operator,
+    :func:`apply_delta`), or a dead letter."""
+    delta = parse_delta(value)
+    if isinstance(delta, str):
         topic, partition, offset = where
-        return Send(
-            "dlq",
-            b"",
-            dlq_value(
-                f"bad balance delta: {type(exc).__name__}: {excerpt(str(exc))}",
-                topic,
-                partition,
-                offset,
-                value,
-            ),
-        )
+        return Send("dlq", b"", dlq_value(delta, topic, partition, offset, value))
     ukey = delta.user_id.encode()
     raw = lookup(ukey)
     before = Balance.decode(raw) if raw is not None else None

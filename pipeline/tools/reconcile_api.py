@@ -96,7 +96,7 @@ class _Stage:
             accepted: list[Any] = []
             for m in partitions[partition]:
                 try:
-                    event = info.parse(m.value or b"")
+                    event = info.parse(m.value or b"", m.key)
                     if isinstance(event, Invalid):
                         continue  # judged where it was read (the source)
                     if window is not None and dedup is not None:
@@ -105,7 +105,14 @@ class _Stage:
                         if repeat:  # dropped: only the partition's newest arrival moves
                             window.newest = newest
                             continue
-                    made = None if self.reference is not None else self._run(event)
+                    made: tuple[list[Emit], tuple[bytes, bytes | None] | None] | None
+                    if info.operator is None:
+                        # A forwarding stage: the record on, unchanged, with its key.
+                        made = [Emit(info.outputs[0], m.key, m.value or b"")], None
+                    elif self.reference is None:
+                        made = self._run(event)
+                    else:
+                        made = None
                 except Exception:
                     self.dead_letters[(info.processed_from, m.partition, m.offset)] += 1
                     continue
@@ -123,7 +130,8 @@ class _Stage:
                     else:
                         self.state[k] = new
                 for e in emits:
-                    self.expected[(self.prefix + e.topic, e.key, e.value)] += 1
+                    topic = e.topic if info.operator is None else self.prefix + e.topic
+                    self.expected[(topic, e.key, e.value)] += 1
             if self.reference is not None:
                 self.expected.update(
                     (self.prefix + e.topic, e.key, e.value) for e in self.reference(info, accepted)
@@ -132,6 +140,7 @@ class _Stage:
     def _run(self, event: Any) -> tuple[list[Emit], tuple[bytes, bytes | None] | None]:
         """The operator on ``event``: its outputs, and the key and encoded new state."""
         info = self.info
+        assert info.operator is not None
         if info.state is None:
             return list(info.operator(event)), None
         assert info.key is not None
@@ -190,7 +199,7 @@ async def reconcile_pipeline(pipe: Pipeline, *, reference: Reference | None = No
         for m in source:
             place = (m.partition, m.offset)
             try:
-                event = info.parse(m.value or b"")
+                event = info.parse(m.value or b"", m.key)
                 if not isinstance(event, Invalid) and info.partition_by is not None:
                     hop_keys[place] = info.partition_by(event)
             except Exception:

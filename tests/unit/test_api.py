@@ -13,7 +13,17 @@ import pytest
 from faust.types import TP
 
 from pipeline.admin import RAW_CONFIG
-from pipeline.api import JSON, SOURCE_HEADER, Codec, Dedup, Emit, Invalid, Pipeline
+from pipeline.api import (
+    ID_HEADER,
+    JSON,
+    SOURCE_HEADER,
+    Codec,
+    Dedup,
+    Emit,
+    Invalid,
+    Keyed,
+    Pipeline,
+)
 from pipeline.eos.stage import Out, Stage
 from pipeline.settings import Settings
 
@@ -216,3 +226,160 @@ def test_declarations_that_cannot_work_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="both key= and state="):
         pipe.stage("half", source="in4", parse=parse, outputs=[], key=lambda d: b"")  # type: ignore[call-overload]
     assert not pipe.app.order_topics  # the order pipeline's topics are not checked
+
+
+def test_keyed_parse_judges_a_record_with_its_key(tmp_path: Path) -> None:
+    pipe = _pipe(tmp_path)
+
+    def parse_keyed(value: bytes, key: bytes | None) -> dict[str, Any] | Invalid:
+        doc = parse(value)
+        if not isinstance(doc, Invalid) and key is not None and key != doc["id"].encode():
+            return Invalid("the key is not the id")
+        return doc
+
+    @pipe.stage("echo", source="in", parse=Keyed(parse_keyed), outputs=["out"])
+    def echo(doc: dict[str, Any]) -> list[Emit]:
+        return [Emit("out", None, doc["id"].encode())]
+
+    sends = _run(
+        _stage(pipe, "in"),
+        [
+            Rec("in", 0, 0, 1000, b"a", _doc("a")),
+            Rec("in", 0, 1, 1000, None, _doc("b")),
+            Rec("in", 0, 2, 1000, b"x", _doc("c")),
+        ],
+    )
+    assert [(t, v) for t, _, v, _, _ in sends[:2]] == [("out", b"a"), ("out", b"b")]
+    assert sends[2][0] == "t-api.dlq" and b"the key is not the id" in sends[2][2]
+    assert pipe.stages["echo"].parse(_doc("a"), b"z") == Invalid("the key is not the id")
+
+
+def test_a_dedup_stage_forwards_each_event_once_through_its_hop(tmp_path: Path) -> None:
+    pipe = _pipe(tmp_path)
+    info = pipe.dedup(
+        "once",
+        source="raw",
+        parse=parse,
+        dedup=Dedup(key=lambda d: d["id"].encode(), window=timedelta(seconds=10)),
+        to="unique",
+        partition_by=lambda d: d["m"].encode(),
+        table="seen",
+        through="t-api-by-m",
+    )
+    assert (info.processed_from, info.dedup_table, info.operator) == ("t-api-by-m", "seen", None)
+    assert "seen" in pipe.tables and pipe.app.topic_overrides["raw"] == RAW_CONFIG
+    assert "raw" not in pipe.app.keyed_topics and "t-api-by-m" in pipe.app.keyed_topics
+    hop = _run(
+        _stage(pipe, "raw"),
+        [
+            Rec("raw", 3, 7, 500, None, _doc("e1", m="shop")),
+            Rec("raw", 4, 9, 600, b"k", _doc("e1", m="shop")),  # a copy, elsewhere
+            Rec("raw", 4, 10, 700, None, b"{"),
+        ],
+    )
+    assert [(t, k, ts) for t, k, _, ts, _ in hop[:2]] == [
+        ("t-api-by-m", b"shop", 500),
+        ("t-api-by-m", b"shop", 600),
+    ]
+    assert hop[0][4] == [(SOURCE_HEADER, b"3:7"), (ID_HEADER, b"e1")]
+    assert hop[2][0] == "t-api.dlq"
+    assert pipe.app.stats.seen == 3 and pipe.app.stats.dlq == 1
+    stage = _stage(pipe, "t-api-by-m")
+    hopped = [
+        Rec("t-api-by-m", 1, i, ts, k, v, tuple(h)) for i, (_, k, v, ts, h) in enumerate(hop[:2])
+    ]
+    # A record on the internal topic that the hop did not write: dead-lettered, not forwarded.
+    foreign = Rec("t-api-by-m", 1, 2, 900, b"shop", _doc("e2", m="shop"))
+    sends = _run(stage, [*hopped, foreign])
+    assert [(t, k, v, ts, h) for t, k, v, ts, h in sends[:1]] == [
+        ("unique", b"shop", _doc("e1", m="shop"), 500, [(SOURCE_HEADER, b"3:7")])
+    ]
+    assert sends[1][0] == "t-api.dlq" and ID_HEADER.encode() in sends[1][2]
+    assert len(sends) == 2
+    stats = pipe.app.stats
+    assert (stats.seen, stats.unique, stats.duplicates_dropped) == (3, 1, 1)
+    assert stats.outputs == {"unique": 1}
+    assert pipe.app.topic_overrides["unique"] != {}  # carries input values whole
+
+
+def test_a_dedup_stage_without_a_hop_names_each_records_own_place(tmp_path: Path) -> None:
+    pipe = _pipe(tmp_path)
+    pipe.dedup(
+        "once",
+        source="raw",
+        parse=parse,
+        dedup=Dedup(key=lambda d: d["id"].encode(), window=timedelta(seconds=10)),
+        to="unique",
+    )
+    # Ids whose first byte is below 2 are escaped: none meets the table's stream row.
+    ids = ["\x00stream_ms", "\x01\x00stream_ms", "a", "\x00stream_ms", "a"]
+    records = [Rec("raw", 2, i, 1000 + i, b"k%d" % i, _doc(x)) for i, x in enumerate(ids)]
+    sends = _run(_stage(pipe, "raw"), records)
+    assert [(k, h) for _, k, _, _, h in sends] == [
+        (b"k0", [(SOURCE_HEADER, b"2:0")]),
+        (b"k1", [(SOURCE_HEADER, b"2:1")]),
+        (b"k2", [(SOURCE_HEADER, b"2:2")]),
+    ]
+
+
+def test_a_state_given_back_is_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = _pipe(tmp_path)
+
+    @pipe.stage(
+        "keep",
+        source="in",
+        parse=parse,
+        outputs=[],
+        key=lambda d: d["user"].encode(),
+        state=JSON,
+    )
+    def keep(seen: Any, doc: dict[str, Any]) -> tuple[Any, list[Emit]]:
+        if doc.get("ignore"):
+            return seen, []  # nothing changes, for a known key or a new one
+        return {"n": (seen or {"n": 0})["n"] + 1}, []
+
+    store = pipe.tables["keep"].data
+    writes: list[tuple[bytes, bytes | None]] = []
+    real = store.stage
+
+    def recorded(tp: TP, k: bytes, v: bytes | None) -> None:
+        writes.append((k, v))
+        real(tp, k, v)
+
+    monkeypatch.setattr(store, "stage", recorded)
+    docs = [("u1", False), ("u1", True), ("u2", True), ("u1", False)]
+    records = [
+        Rec("in", 0, i, 1000, None, _doc(str(i), user=u, ignore=ig))
+        for i, (u, ig) in enumerate(docs)
+    ]
+    _run(_stage(pipe, "in"), records)
+    # No write for the ignored events, and no tombstone for u2, which never had a state.
+    assert writes == [(b"u1", b'{"n":1}'), (b"u1", b'{"n":2}')]
+
+
+def test_seen_counts_input_records_once_along_a_chain(tmp_path: Path) -> None:
+    pipe = _pipe(tmp_path)
+
+    @pipe.stage("first", source="in", parse=parse, outputs=["mid"])
+    def first(doc: dict[str, Any]) -> list[Emit]:
+        return [Emit("mid", None, _doc(doc["id"]))]
+
+    @pipe.stage("second", source="mid", parse=parse, outputs=["out"])
+    def second(doc: dict[str, Any]) -> list[Emit]:
+        return [Emit("out", None, b"x"), Emit("out", None, b"y")]
+
+    mids = _run(_stage(pipe, "in"), [Rec("in", 0, i, 1, None, _doc(str(i))) for i in range(3)])
+    _run(_stage(pipe, "mid"), [Rec("mid", 0, i, 1, k, v) for i, (_, k, v, _, _) in enumerate(mids)])
+    stats = pipe.app.stats
+    assert stats.seen == 3 and stats.unique == 0  # no dedup: nothing was judged unique
+    assert stats.outputs == {"mid": 3, "out": 6}
+    stats.counted_as["changes"] = "out"
+    assert stats.as_dict()["changes"] == 6 and "outputs" not in stats.as_dict()
+
+
+def test_a_table_name_needs_a_state(tmp_path: Path) -> None:
+    pipe = _pipe(tmp_path)
+    with pytest.raises(ValueError, match="table="):
+        pipe.stage("t", source="in", parse=parse, outputs=[], table="x")  # type: ignore[call-overload]

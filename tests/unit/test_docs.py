@@ -99,6 +99,17 @@ def _check_command(command: str) -> None:
     assert name in OUTSIDE, f"a command this check does not know: {command!r}"
 
 
+def _find(lines: list[str], wanted: str, start: int) -> int:
+    """The line after the first one from ``start`` that is ``wanted``, give or take
+    leading indentation (an excerpt of code nested in a function is shown dedented, as
+    ruff formats it); 0 when there is none."""
+    for i in range(start, len(lines)):
+        text = lines[i]
+        if text.endswith(wanted) and not text[: len(text) - len(wanted)].strip():
+            return i + 1
+    return 0
+
+
 @pytest.mark.parametrize(
     ("doc", "line", "label", "named", "body"),
     BLOCKS,
@@ -120,12 +131,8 @@ def test_each_code_block_is_checked(
                 continue
             if wanted.endswith(": ..."):  # a body left out: "def f(...) -> T: ..."
                 wanted = wanted[: -len(" ...")]
-            try:
-                at = lines.index(wanted.rstrip(), at) + 1
-            except ValueError:
-                raise AssertionError(
-                    f"{doc}:{line}: not in {named} (in order): {wanted!r}"
-                ) from None
+            at = _find(lines, wanted.rstrip(), at)
+            assert at, f"{doc}:{line}: not in {named} (in order): {wanted!r}"
         return
     if label in ("sh", "bash"):
         for command in _commands(body):
@@ -142,3 +149,11 @@ def test_the_check_fails_on_a_command_that_is_not_there() -> None:
     with pytest.raises(AssertionError, match="no module"):
         _check_command("faust -A examples.nowhere worker")
     assert len(BLOCKS) >= 10
+
+
+def test_an_excerpt_matches_whole_lines_in_order_give_or_take_indentation() -> None:
+    lines = ["def f() -> int:", "    x = 1", "    return x"]
+    assert _find(lines, "x = 1", 0) == 2  # shown dedented
+    assert _find(lines, "return x", 2) == 3
+    assert _find(lines, "x = 1", 2) == 0  # not after where the excerpt is
+    assert _find(lines, "= 1", 0) == 0  # part of a line is no line
