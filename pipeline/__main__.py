@@ -37,9 +37,7 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
             illegal_rate=args.illegal_rate,
             prefix=args.prefix,
         )
-        return await produce(
-            settings.bootstrap_servers, settings.topic_raw, records, rate=args.rate
-        )
+        return await produce(settings.kafka, settings.topic_raw, records, rate=args.rate)
 
     n = asyncio.run(run())
     print(f"produced {n} records to {settings.topic_raw} at {settings.broker}")
@@ -235,10 +233,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _uses_kafka(args: argparse.Namespace) -> bool:
+    """Every command talks to Kafka but ``produce --via-outbox`` (the database only)."""
+    return not (args.command == "produce" and getattr(args, "via_outbox", False))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from pipeline.connection import EXIT_KAFKA_ACCESS, KafkaAccessError, run_preflight
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    result: int = args.func(args, Settings())
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # One line per problem; pydantic's input is hidden (hide_input_in_errors), so a
+        # refused password or token never reaches the terminal.
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            field = f"PIPELINE_{where.upper()}: " if where else ""
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"settings: {field}{message}", file=sys.stderr)
+        return EXIT_KAFKA_ACCESS
+    if _uses_kafka(args):
+        # The preflight: refused credentials or TLS end the command here, with one line
+        # and status 78, before any client retries them (pipeline/connection.py).
+        try:
+            run_preflight(settings.kafka)
+        except KafkaAccessError as exc:
+            print(exc.line, file=sys.stderr)
+            return EXIT_KAFKA_ACCESS
+    result: int = args.func(args, settings)
     return result
 
 

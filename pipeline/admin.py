@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
+from pipeline.connection import KafkaConnection, as_connection
 from pipeline.domain.models import MAX_VALUE_BYTES
 
 if TYPE_CHECKING:
@@ -32,12 +33,20 @@ NEEDED_OUTPUT_BYTES = 80 * 1024
 #: Exit status of a worker that refuses to start on topics it cannot run on safely.
 EXIT_CONFIG = 78
 LARGE_CONFIG = {"max.message.bytes": str(LARGE_MESSAGE_BYTES)}
+#: CreateTopics answers that no retry changes: not authorized (topic, cluster), an
+#: invalid name, a policy, an invalid configuration or partition/replication count.
+_REFUSED_CODES = frozenset({17, 29, 31, 37, 38, 40, 44})
+
 #: ``orders.raw``: large messages, and the broker's append time in every record.
 RAW_CONFIG = {**LARGE_CONFIG, "message.timestamp.type": "LogAppendTime"}
 
 
+class TopicsRefused(RuntimeError):
+    """The broker refused to create topics for good (one line: which, and why)."""
+
+
 async def ensure_topics(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     names: Iterable[str],
     partitions: int,
     replication: int = 1,
@@ -46,20 +55,24 @@ async def ensure_topics(
 ) -> None:
     """Create the topics that do not exist yet (idempotent, safe to race)."""
     wanted = list(dict.fromkeys(names))
+    conn = as_connection(kafka)
     for attempt in range(attempts):
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        admin = AIOKafkaAdminClient(**conn.kwargs(), request_timeout_ms=10000)
         try:
             await admin.start()
             existing = set(await admin.list_topics())
             missing = [n for n in wanted if n not in existing]
             if missing:
+                response: Any = None
                 with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(
+                    response = await admin.create_topics(
                         [
                             NewTopic(n, partitions, replication, topic_configs=config or {})
                             for n in missing
                         ]
                     )
+                if response is not None:
+                    _raise_refused(response, conn)
                 log.info("created topics %s", missing)
                 # Creation returns before every broker's metadata lists the topics. A
                 # consumer group leader that computes an assignment from metadata
@@ -81,13 +94,32 @@ async def ensure_topics(
             await admin.close()
 
 
-async def drop_topics(bootstrap: str, tag: str) -> list[str]:
+def _raise_refused(response: Any, conn: KafkaConnection) -> None:
+    """Raise :class:`TopicsRefused` when a CreateTopics answer refused a topic for good
+    (on a secured cluster, above all: a user without the Create right), instead of
+    waiting for a topic that will never be listed."""
+    refused = []
+    for t in response.to_object().get("topic_errors", []):
+        code = int(t.get("error_code", 0))
+        if code in _REFUSED_CODES:
+            kind = getattr(for_code(code), "message", str(code))
+            detail = t.get("error_message") or ""
+            refused.append(f"{t.get('topic')}: {kind}" + (f" ({detail})" if detail else ""))
+    if refused:
+        who = f" as user {conn.sasl_username!r}" if conn.sasl else ""
+        raise TopicsRefused(
+            f"kafka: the broker refused to create topics{who}: {'; '.join(refused)}. "
+            "Create them beforehand (a user with the Create right), or grant it"
+        )
+
+
+async def drop_topics(kafka: KafkaConnection | str, tag: str) -> list[str]:
     """Delete every topic whose name contains ``tag``; the names deleted.
 
     For runs that name all their topics after one tag (a bench system run, a test):
     inputs, outputs, changelogs and Faust's internal topics. A long-lived broker slows
     down as partitions pile up (a day of test runs left tens of thousands)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    admin = AIOKafkaAdminClient(**as_connection(kafka).kwargs(), request_timeout_ms=10000)
     await admin.start()
     try:
         mine = [t for t in await admin.list_topics() if tag in t]
@@ -133,9 +165,10 @@ async def declare_topics(settings: Settings, names: Iterable[str] | None = None)
     groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
     for name in wanted:
         groups.setdefault(tuple(sorted(configs.get(name, {}).items())), []).append(name)
+    kafka = settings.kafka
     for config, group in groups.items():
         await ensure_topics(
-            settings.bootstrap_servers,
+            kafka,
             group,
             settings.partitions,
             settings.replication,
@@ -177,9 +210,7 @@ async def topic_problems(
     ]
     written = [*(own_written if orders else []), settings.progress_topic, *changelogs]
     appended = [*([settings.topic_raw] if orders else []), *append_time]
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=10000
-    )
+    admin = AIOKafkaAdminClient(**settings.kafka.kwargs(), request_timeout_ms=10000)
     await admin.start()
     problems: list[str] = []
     try:

@@ -10,7 +10,7 @@ from typing import Any
 from mode.utils.times import want_seconds
 from prometheus_client import Histogram
 
-from pipeline.admin import LARGE_MESSAGE_BYTES
+from pipeline.admin import EXIT_CONFIG, LARGE_MESSAGE_BYTES, TopicsRefused
 from pipeline.eos import Coordinator
 from pipeline.eos.faust.app import EngineApp
 from pipeline.eos.faust.store import EosTable
@@ -22,8 +22,15 @@ log = logging.getLogger(__name__)
 #: Faust settings that Faust would read from the environment. We pass ``env={}`` so
 #: none of them applies; a worker that has one set says so, instead of silently
 #: running with a different broker or port than PIPELINE_* says.
+#: Of Kafka security, Faust reads only ``BROKER_CREDENTIALS`` (and ``BROKER_URL``'s
+#: scheme): both ignored here, the credentials come from PIPELINE_KAFKA_* (create_app
+#: passes ``broker_credentials``). What does matter besides PIPELINE_KAFKA_*: OpenSSL's
+#: ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``, the CA store used when
+#: PIPELINE_KAFKA_SSL_CAFILE is unset. Faust's import-time ``F_*``/``FAUST_*``
+#: variables (``faust.types._env``) hold no Kafka setting.
 _FAUST_ENV = (
     "BROKER_URL",
+    "BROKER_CREDENTIALS",
     "WEB_PORT",
     "WEB_BIND",
     "APP_DATADIR",
@@ -86,17 +93,34 @@ class PipelineApp(EngineApp):
             web.web_app.middlewares.append(guard)
 
     async def on_first_start(self) -> None:
+        # >>> Kafka preflight (issue 17): the worker's hook. Before any Kafka client of
+        # this worker starts (Faust starts its consumer and producer after this method),
+        # connect as they will; refused credentials or TLS end the worker here with one
+        # line, instead of aiokafka's "Unable to bootstrap" retried without end.
+        await self._refuse_kafka_access()
+        # <<< Kafka preflight
         # Source and output topics are declared here, before the consumer subscribes,
         # with the partition count of the settings (Faust declares only internal ones).
+        try:
+            await self._declare_topics()
+        except TopicsRefused as exc:
+            # A user without the Create right (a secured cluster): no retry helps.
+            log.critical("refusing to start: %s", exc)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_CONFIG)
+        await self._refuse_unsafe_topics()
+        await super().on_first_start()
+
+    async def _declare_topics(self) -> None:
         from pipeline.admin import declare_topics, ensure_topics
 
         s = self.settings
+        kafka = s.kafka
         declared = [t.get_topic_name() for t in self.declared_topics]
         await declare_topics(s, [n for n in declared if n not in self.topic_overrides])
         for name, config in self.topic_overrides.items():
-            await ensure_topics(
-                s.bootstrap_servers, [name], s.partitions, s.replication, config=config
-            )
+            await ensure_topics(kafka, [name], s.partitions, s.replication, config=config)
         await declare_topics(s, [s.progress_topic])
         # The tables' changelogs too, with the configuration Faust would give them.
         # Faust creates them itself only as the consumer subscribes, and on a new app the
@@ -107,14 +131,25 @@ class PipelineApp(EngineApp):
         for table in self.tables.values():
             topic = table.changelog_topic
             await ensure_topics(
-                s.bootstrap_servers,
+                kafka,
                 [topic.get_topic_name()],
                 table.partitions or s.partitions,
                 s.replication,
                 config=_topic_config(topic),
             )
-        await self._refuse_unsafe_topics()
-        await super().on_first_start()
+
+    async def _refuse_kafka_access(self) -> None:
+        """Exit (status 78) with one line when the broker refuses this worker's
+        credentials or TLS setup (:func:`pipeline.connection.check_connection`)."""
+        from pipeline.connection import EXIT_KAFKA_ACCESS, KafkaAccessError, preflight
+
+        try:
+            await preflight(self.settings.kafka)
+        except KafkaAccessError as exc:
+            log.critical("refusing to start: %s", exc.line)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_KAFKA_ACCESS)
 
     async def _refuse_unsafe_topics(self) -> None:
         """Refuse to start, with one line per cause, on topics the pipeline cannot keep
@@ -172,6 +207,10 @@ def create_app(settings: Settings) -> PipelineApp:
         env={},
         autodiscover=False,
         broker=settings.broker,
+        # TLS and SASL of every client Faust makes: its consumer, its producer, its
+        # topic creation, and our transactional producers, which take the producer's
+        # settings (pipeline/eos/faust/producer.py, ``_settings_auth()``).
+        broker_credentials=settings.kafka.faust_credentials(),
         datadir=str(settings.datadir),
         processing_guarantee=settings.processing_guarantee.value,
         store="rocksdb://",

@@ -1,7 +1,9 @@
 """Plain aiokafka producing and ``read_committed`` reading, independent of Faust.
 
 ``reconcile``, ``chaos``, ``bench`` and the tests read through these functions, so the
-proof never depends on the code it checks.
+proof never depends on the code it checks. Each takes the connection
+(``settings.kafka``, :class:`pipeline.connection.KafkaConnection`), or a bare bootstrap
+string for a plaintext broker (the tests).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from pipeline.connection import KafkaConnection, as_connection
 from pipeline.tools.generate import Record
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,7 @@ class Msg:
 
 
 async def produce(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     topic: str,
     records: Iterable[Record],
     *,
@@ -42,7 +45,7 @@ async def produce(
 ) -> int:
     """Send records with an idempotent producer (``acks=all``); returns the count."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **as_connection(kafka).kwargs(),
         enable_idempotence=True,
         acks="all",
         linger_ms=5,
@@ -88,10 +91,12 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     return set(parts or ())
 
 
-async def end_offsets(bootstrap: str, topic: str, *, committed: bool = True) -> dict[int, int]:
+async def end_offsets(
+    kafka: KafkaConnection | str, topic: str, *, committed: bool = True
+) -> dict[int, int]:
     """End offsets: the last stable offset (read_committed) or the high watermark."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **as_connection(kafka).kwargs(),
         isolation_level="read_committed" if committed else "read_uncommitted",
         enable_auto_commit=False,
     )
@@ -106,11 +111,11 @@ async def end_offsets(bootstrap: str, topic: str, *, committed: bool = True) -> 
 
 
 async def read_topic(
-    bootstrap: str, topic: str, *, until: dict[int, int] | None = None
+    kafka: KafkaConnection | str, topic: str, *, until: dict[int, int] | None = None
 ) -> AsyncIterator[Msg]:
     """Every committed record of ``topic`` up to the end offsets taken at the start."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **as_connection(kafka).kwargs(),
         isolation_level="read_committed",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -148,9 +153,11 @@ async def read_topic(
         await consumer.stop()
 
 
-async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+async def committed_offsets(
+    kafka: KafkaConnection | str, group: str, topic: str
+) -> dict[int, int | None]:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        **as_connection(kafka).kwargs(), group_id=group, enable_auto_commit=False
     )
     await consumer.start()
     try:
@@ -193,10 +200,10 @@ async def last_record_end(consumer: Any, ktp: TopicPartition, begin: int, end: i
     return begin
 
 
-async def record_ends(bootstrap: str, topic: str) -> dict[int, int]:
+async def record_ends(kafka: KafkaConnection | str, topic: str) -> dict[int, int]:
     """Per partition of ``topic``, the offset after its last committed record."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **as_connection(kafka).kwargs(),
         isolation_level="read_committed",
         enable_auto_commit=False,
         max_partition_fetch_bytes=256 * 1024,

@@ -8,13 +8,20 @@ silently override what an operator configured here.
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.connection import SaslMechanism, SecurityProtocol, ssl_context_for
+
+if TYPE_CHECKING:
+    from pipeline.connection import KafkaConnection
 
 
 class Guarantee(StrEnum):
@@ -41,6 +48,25 @@ class Settings(BaseSettings):
     #: :mod:`pipeline.api` (its sources, outputs and dead-letter topic), e.g. "staging.".
     topic_prefix: str = ""
     broker: str = "kafka://127.0.0.1:9092"
+    # -- how every Kafka client connects (``settings.kafka``, pipeline/connection.py) --
+    #: PLAINTEXT (no TLS, no SASL), SSL (TLS; with a client certificate: mutual TLS),
+    #: SASL_PLAINTEXT, SASL_SSL.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    #: The CA certificate(s) the brokers' certificates are checked against (PEM).
+    #: Unset: the system's CA store (OpenSSL's, which honours SSL_CERT_FILE/SSL_CERT_DIR).
+    kafka_ssl_cafile: Path | None = None
+    #: Mutual TLS: this client's certificate and its private key (PEM), both or neither.
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    #: The password of an encrypted ``kafka_ssl_keyfile``.
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    #: The SASL password, given as such or (better: it stays out of the environment of
+    #: every process) read from ``PIPELINE_KAFKA_SASL_PASSWORD_FILE``, one trailing
+    #: line break stripped; not both.
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
     datadir: Path = Path("./data")
     processing_guarantee: Guarantee = Guarantee.EXACTLY_ONCE
     partitions: int = Field(default=8, ge=1, le=1024)
@@ -128,6 +154,121 @@ class Settings(BaseSettings):
     #: the input rekeyed by order_id (internal); default "<app_id>-raw-by-order"
     topic_by_order: str | None = None
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator(
+        "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "kafka_sasl_password_file"
+    )
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            _check_readable(value)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_file(cls, data: Any) -> Any:
+        """Read ``kafka_sasl_password_file`` into ``kafka_sasl_password``."""
+        if not isinstance(data, dict):
+            return data
+        given = data.get("kafka_sasl_password_file")
+        if given is None or given == "":
+            return data
+        if data.get("kafka_sasl_password") not in (None, ""):
+            raise ValueError(
+                "set PIPELINE_KAFKA_SASL_PASSWORD or PIPELINE_KAFKA_SASL_PASSWORD_FILE, not both"
+            )
+        path = Path(given)
+        _check_readable(path, "PIPELINE_KAFKA_SASL_PASSWORD_FILE=")
+        text = path.read_text(encoding="utf-8")
+        for end in ("\r\n", "\n"):
+            if text.endswith(end):
+                text = text[: -len(end)]
+                break
+        return {**data, "kafka_sasl_password": SecretStr(text)}
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        # Nothing set here is ever silently unused: a password with PLAINTEXT, say,
+        # would mean a client that the operator believes authenticated but is not.
+        protocol = self.kafka_security_protocol
+        sasl = protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+        tls = protocol in ("SSL", "SASL_SSL")
+        problems = []
+        if sasl:
+            if self.kafka_sasl_mechanism is None:
+                problems.append(
+                    f"{protocol} needs PIPELINE_KAFKA_SASL_MECHANISM "
+                    "(SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN)"
+                )
+            if not (self.kafka_sasl_username or "").strip():
+                problems.append(f"{protocol} needs PIPELINE_KAFKA_SASL_USERNAME")
+            if self.kafka_sasl_password is None or not self.kafka_sasl_password.get_secret_value():
+                problems.append(
+                    f"{protocol} needs PIPELINE_KAFKA_SASL_PASSWORD or "
+                    "PIPELINE_KAFKA_SASL_PASSWORD_FILE (not empty)"
+                )
+        else:
+            unused = [
+                name
+                for name, value in (
+                    ("PIPELINE_KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                    ("PIPELINE_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("PIPELINE_KAFKA_SASL_PASSWORD[_FILE]", self.kafka_sasl_password),
+                )
+                if value is not None
+            ]
+            if unused:
+                problems.append(
+                    f"{', '.join(unused)} set, but PIPELINE_KAFKA_SECURITY_PROTOCOL={protocol}"
+                    " does not use SASL (SASL_SSL or SASL_PLAINTEXT does)"
+                )
+        files = (
+            ("PIPELINE_KAFKA_SSL_CAFILE", self.kafka_ssl_cafile),
+            ("PIPELINE_KAFKA_SSL_CERTFILE", self.kafka_ssl_certfile),
+            ("PIPELINE_KAFKA_SSL_KEYFILE", self.kafka_ssl_keyfile),
+            ("PIPELINE_KAFKA_SSL_KEY_PASSWORD", self.kafka_ssl_key_password),
+        )
+        if not tls:
+            unused = [name for name, value in files if value is not None]
+            if unused:
+                problems.append(
+                    f"{', '.join(unused)} set, but PIPELINE_KAFKA_SECURITY_PROTOCOL={protocol}"
+                    " does not use TLS (SSL or SASL_SSL does)"
+                )
+        elif (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            problems.append(
+                "mutual TLS needs both PIPELINE_KAFKA_SSL_CERTFILE and "
+                "PIPELINE_KAFKA_SSL_KEYFILE (a certificate without its key, or a key "
+                "without its certificate)"
+            )
+        elif self.kafka_ssl_key_password is not None and self.kafka_ssl_keyfile is None:
+            problems.append(
+                "PIPELINE_KAFKA_SSL_KEY_PASSWORD set without PIPELINE_KAFKA_SSL_KEYFILE"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        if tls:
+            # The files are used as the clients will use them: an unreadable CA file, a
+            # key that does not match the certificate or a wrong key password is an
+            # error now, not at the first connection.
+            try:
+                ssl_context_for(
+                    self.kafka_ssl_cafile,
+                    self.kafka_ssl_certfile,
+                    self.kafka_ssl_keyfile,
+                    self.kafka_ssl_key_password,
+                )
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ValueError(
+                    "PIPELINE_KAFKA_SSL_CAFILE/CERTFILE/KEYFILE/KEY_PASSWORD: cannot make a "
+                    f"TLS context of them: {_ssl_reason(exc)}"
+                ) from None
+        return self
+
     @field_validator("web_token", "metrics_token")
     @classmethod
     def _strong(cls, value: SecretStr | None) -> SecretStr | None:
@@ -164,10 +305,20 @@ class Settings(BaseSettings):
 
     @property
     def bootstrap_servers(self) -> str:
-        """The broker URL as a plain ``host:port`` list for aiokafka clients."""
+        """The broker URL as a plain ``host:port`` list. Not for making a client: that
+        takes :attr:`kafka`, which says how to connect too."""
         return ",".join(
             part.split("://", 1)[-1] for part in self.broker.replace(";", ",").split(",")
         )
+
+    @property
+    def kafka(self) -> KafkaConnection:
+        """How every Kafka client of this process connects: give each
+        ``**settings.kafka.kwargs()`` (see :mod:`pipeline.connection`). Made anew at each
+        call (a new TLS context); take it once per client, not per request."""
+        from pipeline.connection import KafkaConnection
+
+        return KafkaConnection.from_settings(self)
 
     @property
     def deltas_topic(self) -> str:
@@ -197,3 +348,32 @@ class Settings(BaseSettings):
 
     def fix_enabled(self, name: str) -> bool:
         return name not in {p.strip() for p in self.disable_fix.split(",")}
+
+
+def _check_readable(path: Path, name: str = "") -> None:
+    """A file this process can read, or a ValueError naming it (never its content)."""
+    if not path.is_file():
+        raise ValueError(f"{name}{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{name}{path}: not readable by this user")
+
+
+#: OpenSSL's reasons for refusing a CA file, a certificate or a key, in words
+_SSL_REASONS = {
+    "PEM_LIB": "a certificate or key file is not PEM, or the key password is wrong",
+    "KEY_VALUES_MISMATCH": "the key does not belong to the certificate",
+    "NO_CERTIFICATE_OR_CRL_FOUND": "the CA file holds no certificate",
+    "BAD_DECRYPT": "the key password is wrong",
+}
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        # The reason code, or without one (a wrong key password) the words of
+        # "[SSL] PEM lib (_ssl.c:3926)".
+        words = str(exc).partition("] ")[2].partition(" (")[0]
+        reason = str(exc.reason or words.upper().replace(" ", "_"))
+        return _SSL_REASONS.get(reason, reason.lower().replace("_", " ") or str(exc))
+    if isinstance(exc, ValueError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

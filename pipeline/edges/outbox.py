@@ -418,7 +418,7 @@ class Relay:
     async def _producer(self) -> AIOKafkaProducer:
         if self.producer is None:
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.bootstrap_servers,
+                **self.settings.kafka.kwargs(),
                 enable_idempotence=True,
                 acks="all",
                 linger_ms=5,
@@ -586,7 +586,7 @@ class Relay:
         refused: dict[str, str] = {}
         waiting = ""
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.settings.bootstrap_servers,
+            **self.settings.kafka.kwargs(),
             request_timeout_ms=10000,
             client_id=f"outbox-relay-{self.owner}",
         )

@@ -590,7 +590,7 @@ async def run_sink(
     await db.retry_db(lambda: db.create_schema(engine), "sink: create schema")
     kinds = {settings.topic_changes: "changes", settings.topic_coupons: "coupons"}
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
+        **settings.kafka.kwargs(),
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",

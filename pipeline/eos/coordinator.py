@@ -425,7 +425,7 @@ class Coordinator:
         from aiokafka import AIOKafkaConsumer
 
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
+            **self.settings.kafka.kwargs(),
             isolation_level="read_committed",
             enable_auto_commit=False,
             **extra,
@@ -440,7 +440,7 @@ class Coordinator:
             # Has the group id to ask the group coordinator, but never subscribes, so
             # it never joins the group.
             self._offsets_reader = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers,
+                **self.settings.kafka.kwargs(),
                 group_id=self.settings.app_id,
                 enable_auto_commit=False,
             )

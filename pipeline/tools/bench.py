@@ -44,6 +44,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.admin import LARGE_CONFIG, RAW_CONFIG, drop_topics, ensure_topics
+from pipeline.connection import KafkaConnection, security_env
 from pipeline.factory import MAX_POLL_RECORDS
 from pipeline.kafka_io import committed_offsets, partitions_of, produce
 from pipeline.settings import Settings
@@ -178,15 +179,15 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 async def _workload(
-    bootstrap: str, topics: list[str], raw: str, count: int, partitions: int = 8
+    kafka: KafkaConnection, topics: list[str], raw: str, count: int, partitions: int = 8
 ) -> None:
     # The input as the pipeline declares it (append time, room for 1 MiB values), so
     # that every system reads the same topic as our workers need it.
     n = partitions
-    await ensure_topics(bootstrap, [raw], n, config=RAW_CONFIG)
-    await ensure_topics(bootstrap, [t for t in topics if t != raw], n, config=LARGE_CONFIG)
+    await ensure_topics(kafka, [raw], n, config=RAW_CONFIG)
+    await ensure_topics(kafka, [t for t in topics if t != raw], n, config=LARGE_CONFIG)
     await produce(
-        bootstrap,
+        kafka,
         raw,
         generate(count, seed=42, dup_rate=0.3, bad_rate=0.01, illegal_rate=0.05),
     )
@@ -194,10 +195,9 @@ async def _workload(
 
 async def _first_commit(settings: Settings, since: float) -> float:
     """Seconds from ``since`` (monotonic) until the app's group committed an input offset."""
+    kafka = settings.kafka
     while True:
-        committed = await committed_offsets(
-            settings.bootstrap_servers, settings.app_id, settings.topic_raw
-        )
+        committed = await committed_offsets(kafka, settings.app_id, settings.topic_raw)
         if any(committed.values()):
             return round(time.monotonic() - since, 2)
         await asyncio.sleep(0.2)
@@ -213,19 +213,17 @@ async def _stop_task(task: asyncio.Task[float]) -> float | None:
 
 
 async def latency(
-    bootstrap: str, source: str, output: str, plan: Plan, tag: str
+    kafka: KafkaConnection, source: str, output: str, plan: Plan, tag: str
 ) -> tuple[float | None, float | None, int]:
     """(p50 ms, p99 ms, events matched) of a paced trickle, ``source`` -> ``output``."""
     reader = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.kwargs(),
         isolation_level="read_committed",
         enable_auto_commit=False,
         group_id=None,
     )
     await reader.start()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5
-    )
+    producer = AIOKafkaProducer(**kafka.kwargs(), enable_idempotence=True, acks="all", linger_ms=5)
     await producer.start()
     sent: dict[str, float] = {}
     arrived: dict[str, float] = {}
@@ -294,10 +292,13 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
         # Workers get no PIPELINE_* variable from the runner's environment but these.
         PIPELINE_COMMIT_QUIET_S=str(settings.commit_quiet_s),
         PIPELINE_STAGES=stages,
+        # ... and how to reach the broker (TLS, SASL).
+        **security_env(settings),
     )
     s = settings_from(env)
+    kafka = s.kafka
     await _workload(
-        s.bootstrap_servers,
+        kafka,
         [s.topic_raw, s.topic_unique, s.topic_dlq],
         s.topic_raw,
         plan.count,
@@ -334,12 +335,12 @@ async def run_chain(guarantee: str, stages: str, settings: Settings, plan: Plan)
             )
         broker_cpu = broker.per_100k(plan.count - seen0)
         out = s.topic_changes if stages == "all" else s.topic_unique
-        p50, p99, matched = await latency(s.bootstrap_servers, s.topic_raw, out, plan, tag)
+        p50, p99, matched = await latency(kafka, s.topic_raw, out, plan, tag)
         rss = _peak_rss_mb(pid)
     finally:
         to_first_commit = await _stop_task(first_commit)
         worker.stop()
-        await drop_topics(s.bootstrap_servers, tag)
+        await drop_topics(kafka, tag)
     handled = plan.count - seen0
     return Run(
         system=name,
@@ -371,11 +372,11 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
     tag = uuid.uuid4().hex[:8]
     group = f"bench-{tag}"
     raw, unique, dlq = f"{group}.orders.raw", f"{group}.orders.unique", f"{group}.orders.dlq"
-    bootstrap = settings.bootstrap_servers
-    await _workload(bootstrap, [raw, unique, dlq], raw, plan.count, plan.partitions)
-    common = ["--bootstrap", bootstrap, "--input", raw, "--unique", unique, "--dlq", dlq]
+    kafka = settings.kafka
+    await _workload(kafka, [raw, unique, dlq], raw, plan.count, plan.partitions)
+    common = ["--bootstrap", kafka.servers, "--input", raw, "--unique", unique, "--dlq", dlq]
     common += ["--group", group, "--commit-ms", str(plan.commit_ms)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = _child_env(settings)
     if system == RAW:
         cmd = [
             sys.executable,
@@ -435,7 +436,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         seconds = end - first["first"]
         cpu = cpu_end - first["cpu"]
         broker_cpu = broker.per_100k(plan.count)
-        p50, p99, matched = await latency(bootstrap, raw, unique, plan, tag)
+        p50, p99, matched = await latency(kafka, raw, unique, plan, tag)
         rss = _peak_rss_mb(proc.pid)
     finally:
         to_first_commit = await _stop_task(first_commit)
@@ -445,7 +446,7 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        await drop_topics(bootstrap, tag)
+        await drop_topics(kafka, tag)
     config["latency_events_matched"] = matched
     return Run(
         system=system,
@@ -460,6 +461,18 @@ async def run_process(system: str, plan: Plan, settings: Settings) -> Run:
         first_commit_s=to_first_commit,
         config=config,
     )
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """The environment of the raw loop and the Quix peer: how to reach the broker as
+    ``settings`` says, as PIPELINE_KAFKA_* (the raw loop reads them) and as librdkafka's
+    configuration in ``PIPELINE_BENCH_KAFKA_CONFIG`` (the Quix peer, which may run on an
+    interpreter without the pipeline's dependencies). The environment, not the command
+    line: other users can read a command line, not another user's environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_KAFKA_")}
+    env.update(security_env(settings), PYTHONPATH=str(ROOT))
+    env["PIPELINE_BENCH_KAFKA_CONFIG"] = json.dumps(settings.kafka.librdkafka_config())
+    return env
 
 
 def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -483,20 +496,34 @@ async def _first_line(stream: IO[bytes], field: str = "first") -> dict[str, floa
 
 
 async def run_kafka_tools(plan: Plan, settings: Settings) -> list[Run]:
-    bootstrap = settings.bootstrap_servers
+    kafka = settings.kafka
     tag = uuid.uuid4().hex[:8]
     topic = f"bench-{tag}.perf"
-    await ensure_topics(bootstrap, [topic], plan.partitions)
+    await ensure_topics(kafka, [topic], plan.partitions)
+    # TLS and SASL for the Java tools: a properties file only this user can read (it
+    # holds the password), removed at the end.
+    security = kafka.java_properties()
+    config = None
+    if security:
+        fd, name = tempfile.mkstemp(prefix=f"bench-{tag}-", suffix=".properties")
+        with os.fdopen(fd, "w") as f:
+            f.write(security)
+        config = Path(name)
     try:
-        return await _kafka_tools(plan, bootstrap, topic)
+        return await _kafka_tools(plan, kafka, topic, config)
     finally:
-        await drop_topics(bootstrap, tag)
+        if config is not None:
+            config.unlink(missing_ok=True)
+        await drop_topics(kafka, tag)
 
 
-async def _kafka_tools(plan: Plan, bootstrap: str, topic: str) -> list[Run]:
-    props = [f"bootstrap.servers={bootstrap}", "acks=all", "linger.ms=5", "batch.size=262144"]
+async def _kafka_tools(
+    plan: Plan, kafka: KafkaConnection, topic: str, config: Path | None = None
+) -> list[Run]:
+    security = ["--command-config", str(config)] if config is not None else []
+    props = [f"bootstrap.servers={kafka.servers}", "acks=all", "linger.ms=5", "batch.size=262144"]
     pargs = ["--topic", topic, "--num-records", str(plan.count), "--record-size", "200"]
-    pargs += ["--throughput", "-1", "--producer-props", *props]
+    pargs += [*security, "--throughput", "-1", "--producer-props", *props]
     out, cpu, rss = await asyncio.to_thread(_measured, "ProducerPerformance", pargs)
     m = re.search(
         r"(\d+) records sent, ([\d.]+) records/sec.*?(\d+) ms 50th, \d+ ms 95th, (\d+) ms 99th",
@@ -519,7 +546,8 @@ async def _kafka_tools(plan: Plan, bootstrap: str, topic: str) -> list[Run]:
             note="latency is send to ack (acks=all), not end to end; CPU includes JVM start",
         )
     ]
-    cargs = ["--bootstrap-server", bootstrap, "--topic", topic, "--num-records", str(plan.count)]
+    cargs = ["--bootstrap-server", kafka.servers, "--topic", topic]
+    cargs += ["--num-records", str(plan.count), *security]
     out, cpu, rss = await asyncio.to_thread(_measured, "ConsumerPerformance", cargs)
     lines = [ln for ln in out.splitlines() if ln.startswith("start.time") or ln[:2] == "20"]
     if len(lines) < 2:

@@ -24,6 +24,7 @@ import orjson
 from sqlalchemy import func, insert, select
 
 from pipeline.admin import declare_topics
+from pipeline.connection import require_access
 from pipeline.edges import db
 from pipeline.edges.outbox import Relay, bucket_of
 from pipeline.edges.sink import run_sink
@@ -77,9 +78,10 @@ async def bench(db_url: str, rows: int, settings: Settings) -> dict[str, float]:
         doc = {"event_id": f"{oid}-{v}", "order_id": oid, "from": frm, "to": to,
                "version": v, "ts_ms": now}  # fmt: skip
         changes.append(Record(oid.encode(), orjson.dumps(doc), "new"))
-    await produce(s.bootstrap_servers, s.topic_changes, changes)
+    kafka = s.kafka
+    await produce(kafka, s.topic_changes, changes)
     await produce(
-        s.bootstrap_servers,
+        kafka,
         s.topic_coupons,
         [
             Record(
@@ -117,7 +119,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=20_000, help="rows per measurement (20000)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    result = asyncio.run(bench(args.db, args.rows, Settings()))
+    settings = Settings()
+    require_access(settings.kafka)
+    result = asyncio.run(bench(args.db, args.rows, settings))
     print(orjson.dumps(result).decode())
     return 0
 

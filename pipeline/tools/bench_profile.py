@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.admin import drop_topics
+from pipeline.connection import require_access, security_env
 from pipeline.settings import Settings
 from pipeline.tools.bench import _cpu_seconds, _workload
 from pipeline.tools.procs import Worker, drained, namespaced_env, settings_from
@@ -72,10 +73,12 @@ async def profile(
         PIPELINE_PARTITIONS="8",
         PIPELINE_COMMIT_INTERVAL_S=str(settings.commit_interval_s),
         PIPELINE_STAGES=args.stages,
+        **security_env(settings),
     )
     s = settings_from(env)
+    kafka = s.kafka
     topics = [s.topic_raw, s.topic_unique, s.topic_dlq]
-    await _workload(s.bootstrap_servers, topics, s.topic_raw, args.count)
+    await _workload(kafka, topics, s.topic_raw, args.count)
     worker = Worker(env, workdir / f"{tag}.log", name="profiled")
     worker.start()
     try:
@@ -113,7 +116,7 @@ async def profile(
             print("engine counters at the end:\n" + counters)
     finally:
         worker.stop()
-        await drop_topics(s.bootstrap_servers, tag)
+        await drop_topics(kafka, tag)
     return args.count - seen0, seconds, cpu
 
 
@@ -156,8 +159,10 @@ def main() -> int:
     if not Path(spy).exists():
         print("py-spy is not installed: pip install -e '.[profile]'", file=sys.stderr)
         return 2
+    settings = Settings()
+    require_access(settings.kafka)
     with tempfile.TemporaryDirectory(prefix="pipeline-profile-") as tmp:
-        handled, seconds, cpu = asyncio.run(profile(args, Settings(), Path(tmp), spy))
+        handled, seconds, cpu = asyncio.run(profile(args, settings, Path(tmp), spy))
     out = Path(args.out)
     print(
         f"{args.guarantee}, stages {args.stages}: {handled / seconds:.0f} events/s, "

@@ -13,12 +13,16 @@ the same verdicts as the dedup agent's per-partition table. Outputs keep the inp
 (equal to ``order_id`` for every valid record, as the contract requires).
 
 Prints ``{"first": <monotonic>, "cpu": <process CPU s>}`` on the first record, like
-``pipeline.tools.bench_raw``, and runs until SIGTERM.
+``pipeline.tools.bench_raw``, and runs until SIGTERM. It connects to ``--bootstrap`` with
+the librdkafka security settings (TLS, SASL) the runner puts in the environment as JSON,
+``PIPELINE_BENCH_KAFKA_CONFIG`` (``KafkaConnection.librdkafka_config``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from typing import Any
@@ -43,9 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--commit-ms", type=int, default=100)
     args = p.parse_args(argv)
+    broker: Any = args.bootstrap
+    security = json.loads(os.environ.get("PIPELINE_BENCH_KAFKA_CONFIG") or "{}")
+    if security:
+        from quixstreams.kafka.configuration import ConnectionConfig
+
+        broker = ConnectionConfig.from_librdkafka_dict(
+            {"bootstrap.servers": args.bootstrap, **security}
+        )
 
     app = Application(
-        broker_address=args.bootstrap,
+        broker_address=broker,
         consumer_group=args.group,
         auto_offset_reset="earliest",
         processing_guarantee="exactly-once",

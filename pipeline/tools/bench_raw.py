@@ -7,8 +7,10 @@ the consumed offsets to the transaction, committing every ``--commit-ms``. One
 transactional producer for all partitions, no persisted state, no rebalance handling:
 what is left is the cost of Kafka transactions from Python, which our chain cannot beat.
 
-It prints JSON lines on stdout for the runner: ``{"first": ...}`` when the first record
-arrives (monotonic clock and process CPU then) and runs until SIGTERM.
+It connects to ``--bootstrap`` as the ``PIPELINE_KAFKA_*`` variables say (TLS, SASL:
+the runner passes its own). It prints JSON lines on stdout for the runner:
+``{"first": ...}`` when the first record arrives (monotonic clock and process CPU then)
+and runs until SIGTERM.
 """
 
 from __future__ import annotations
@@ -65,9 +67,12 @@ def handle(
 
 
 async def run(args: argparse.Namespace) -> None:
+    from pipeline.settings import Settings
+
+    kafka = Settings(broker=args.bootstrap).kafka
     consumer = AIOKafkaConsumer(
         args.input,
-        bootstrap_servers=args.bootstrap,
+        **kafka.kwargs(),
         group_id=args.group,
         isolation_level="read_committed",
         enable_auto_commit=False,
@@ -75,7 +80,7 @@ async def run(args: argparse.Namespace) -> None:
         max_poll_records=args.max_records,
     )
     producer = AIOKafkaProducer(
-        bootstrap_servers=args.bootstrap,
+        **kafka.kwargs(),
         transactional_id=f"{args.group}-tx",
         enable_idempotence=True,
         linger_ms=args.linger_ms,

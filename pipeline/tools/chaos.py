@@ -43,6 +43,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.admin import declare_topics
+from pipeline.connection import security_env
 from pipeline.kafka_io import partitions_of
 from pipeline.settings import Settings
 from pipeline.tools.generate import generate
@@ -251,8 +252,11 @@ class Run:
             # The broker's minimum: a dead or frozen worker's partitions move on quickly.
             PIPELINE_SESSION_TIMEOUT_S=str(base.session_timeout_s),
             PIPELINE_PARTITIONS=str(base.partitions),
+            # How to reach the broker (TLS, SASL), as the run's own clients do.
+            **security_env(base),
         )
         self.settings = settings_from(self.env)
+        self.kafka = self.settings.kafka
         self.picks = random.Random(plan.seed + 1)
         self.workers: list[Worker] = []
         self.stopped: set[str] = set()
@@ -490,7 +494,7 @@ class Run:
         i = 0
         while i < len(records):
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.bootstrap_servers,
+                **self.kafka.kwargs(),
                 enable_idempotence=True,
                 acks="all",
                 linger_ms=5,
@@ -523,7 +527,7 @@ class Run:
     async def watch_outputs(self, stop: asyncio.Event) -> None:
         while True:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers,
+                **self.kafka.kwargs(),
                 isolation_level="read_committed",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",

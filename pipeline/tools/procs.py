@@ -160,10 +160,9 @@ class Worker:
 
 async def progress(settings: Settings) -> tuple[int, int]:
     """(committed, end) summed over the input partitions of the app's consumer group."""
-    ends = await end_offsets(settings.bootstrap_servers, settings.topic_raw)
-    committed = await committed_offsets(
-        settings.bootstrap_servers, settings.app_id, settings.topic_raw
-    )
+    kafka = settings.kafka
+    ends = await end_offsets(kafka, settings.topic_raw)
+    committed = await committed_offsets(kafka, settings.app_id, settings.topic_raw)
     done = sum(min(committed.get(p) or 0, end) for p, end in ends.items())
     return done, sum(ends.values())
 
@@ -185,9 +184,10 @@ async def drained_topics(settings: Settings, topics: list[str]) -> tuple[int, in
     """(committed, to do) of the app's consumer group summed over ``topics`` (to do ends
     at each partition's last committed record, as in :func:`drained`)."""
     done = total = 0
+    kafka = settings.kafka
     for topic in topics:
-        ends = await record_ends(settings.bootstrap_servers, topic)
-        committed = await committed_offsets(settings.bootstrap_servers, settings.app_id, topic)
+        ends = await record_ends(kafka, topic)
+        committed = await committed_offsets(kafka, settings.app_id, topic)
         done += sum(min(committed.get(p) or 0, end) for p, end in ends.items())
         total += sum(ends.values())
     return done, total

@@ -61,6 +61,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from pipeline.connection import KafkaConnection
 from pipeline.domain.codecs import DLQ_KEY_MAX_BYTES, DLQ_MAX_BYTES, REASON_MAX_BYTES
 from pipeline.domain.models import MAX_AMOUNT, MAX_ID_CHARS, MAX_TS_MS, MAX_VALUE_BYTES
 from pipeline.kafka_io import Msg, end_offsets, read_topic
@@ -944,15 +945,15 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
 
-    async def read(self, bootstrap: str, topic: str) -> AsyncIterator[Msg]:
+    async def read(self, kafka: KafkaConnection | str, topic: str) -> AsyncIterator[Msg]:
         if not self.enabled:
-            async for m in read_topic(bootstrap, topic):
+            async for m in read_topic(kafka, topic):
                 yield m
             return
         # Offsets count transaction markers too: the bar ends a little short of 100%.
-        total = sum((await end_offsets(bootstrap, topic, committed=True)).values())
+        total = sum((await end_offsets(kafka, topic, committed=True)).values())
         n, drawn = 0, 0.0
-        async for m in read_topic(bootstrap, topic):
+        async for m in read_topic(kafka, topic):
             n += 1
             if n & 1023 == 0 and time.monotonic() - drawn > 0.2:
                 drawn = time.monotonic()
@@ -988,14 +989,14 @@ def transactional_topics(settings: Settings) -> list[str]:
 
 
 async def open_transactions(
-    bootstrap: str, topics: Iterable[str]
+    kafka: KafkaConnection | str, topics: Iterable[str]
 ) -> dict[str, dict[int, tuple[int, int]]]:
     """Per topic, its partitions whose last stable offset is behind the high watermark
     (a transaction still open), with both."""
     found: dict[str, dict[int, tuple[int, int]]] = {}
     for topic in topics:
-        lso = await end_offsets(bootstrap, topic, committed=True)
-        hw = await end_offsets(bootstrap, topic, committed=False)
+        lso = await end_offsets(kafka, topic, committed=True)
+        hw = await end_offsets(kafka, topic, committed=False)
         open_parts = {p: (lso[p], hw[p]) for p in hw if lso.get(p) != hw[p]}
         if open_parts:
             found[topic] = open_parts
@@ -1009,19 +1010,19 @@ async def reconcile(settings: Settings, *, progress: bool = False) -> Report:
     """
     started = time.monotonic()
     bar = _Progress(progress)
-    bootstrap = settings.bootstrap_servers
+    kafka = settings.kafka
     r = Reconciler(settings)
     # Dead letters first (few): each bad record is judged against its letter when met.
-    async for m in bar.read(bootstrap, settings.topic_dlq):
+    async for m in bar.read(kafka, settings.topic_dlq):
         r.on_dlq(m)
     # orders.unique before orders.raw: only the forwards are remembered, not the input.
-    async for m in bar.read(bootstrap, settings.topic_unique):
+    async for m in bar.read(kafka, settings.topic_unique):
         r.on_unique(m)
-    async for m in bar.read(bootstrap, settings.topic_raw):
+    async for m in bar.read(kafka, settings.topic_raw):
         r.on_raw(m)
     r.end_raw()
     for kind, topic in r.kinds.items():
-        async for m in bar.read(bootstrap, topic):
+        async for m in bar.read(kafka, topic):
             r.on_output(kind, m)
     r.end_outputs()
     report = r.finish()
@@ -1031,7 +1032,7 @@ async def reconcile(settings: Settings, *, progress: bool = False) -> Report:
     ):
         rows: dict[bytes, bytes | None] = {}
         keyless = 0
-        async for m in bar.read(bootstrap, changelog):
+        async for m in bar.read(kafka, changelog):
             if m.key is None:
                 keyless += 1
             else:
@@ -1041,7 +1042,7 @@ async def reconcile(settings: Settings, *, progress: bool = False) -> Report:
             check.unexpected += keyless
             check.note(f"{keyless} records without a key")
         report.checks.append(check)
-    report.open_transactions = await open_transactions(bootstrap, transactional_topics(settings))
+    report.open_transactions = await open_transactions(kafka, transactional_topics(settings))
     report.seconds = time.monotonic() - started
     report.peak_rss_mb = _peak_rss_mb()
     return report

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pipeline.api import SOURCE_HEADER, Emit, Invalid, Pipeline, StageInfo
+from pipeline.connection import KafkaConnection
 from pipeline.kafka_io import Msg, read_topic
 from pipeline.tools.reconcile import Report, TopicCheck, _peak_rss_mb, open_transactions
 
@@ -150,8 +151,8 @@ class _Stage:
         return list(made), (k, None if new is None else info.state.encode(new))
 
 
-async def _read(bootstrap: str, topic: str) -> list[Msg]:
-    return [m async for m in read_topic(bootstrap, topic)]
+async def _read(kafka: KafkaConnection, topic: str) -> list[Msg]:
+    return [m async for m in read_topic(kafka, topic)]
 
 
 def _diff(
@@ -183,14 +184,14 @@ def _show_output(item: tuple[str, bytes | None, bytes]) -> str:
 async def reconcile_pipeline(pipe: Pipeline, *, reference: Reference | None = None) -> Report:
     """Rebuild every stage of ``pipe`` from its input and compare (module docstring)."""
     started = time.monotonic()
-    bootstrap = pipe.settings.bootstrap_servers
+    kafka = pipe.settings.kafka
     report = Report()
     expected: Counter[tuple[str, bytes | None, bytes]] = Counter()
     letters: Counter[tuple[str, int, int]] = Counter()
     outputs: set[str] = set()
     changelogs: list[str] = []
     for info in pipe.stages.values():
-        source = await _read(bootstrap, info.source)
+        source = await _read(kafka, info.source)
         report.input_records += len(source)
         rebuild = _Stage(info, reference, pipe.settings.topic_prefix)
         by_place = {(m.partition, m.offset): m for m in source}
@@ -212,7 +213,7 @@ async def reconcile_pipeline(pipe: Pipeline, *, reference: Reference | None = No
         if info.processed_from != info.source:
             hop = TopicCheck(info.processed_from)
             forwarded: Counter[Place] = Counter()
-            for m in await _read(bootstrap, info.processed_from):
+            for m in await _read(kafka, info.processed_from):
                 named = _source_place(m.headers)
                 original = by_place.get(named) if named is not None else None
                 if named is None or original is None or named not in valid:
@@ -244,7 +245,7 @@ async def reconcile_pipeline(pipe: Pipeline, *, reference: Reference | None = No
             changelog = f"{pipe.settings.app_id}-{info.state_table}-changelog"
             changelogs.append(changelog)
             rows: dict[bytes, bytes] = {}
-            for m in await _read(bootstrap, changelog):
+            for m in await _read(kafka, changelog):
                 if m.key is None:
                     continue
                 if m.value is None:
@@ -262,13 +263,13 @@ async def reconcile_pipeline(pipe: Pipeline, *, reference: Reference | None = No
             changelogs.append(info.processed_from)
     for topic in sorted(outputs):
         check = TopicCheck(topic)
-        got = Counter((topic, m.key, m.value or b"") for m in await _read(bootstrap, topic))
+        got = Counter((topic, m.key, m.value or b"") for m in await _read(kafka, topic))
         want = Counter({k: n for k, n in expected.items() if k[0] == topic})
         _diff(check, want, got, _show_output)
         report.checks.append(check)
     dlq = TopicCheck(pipe.dead_letter_topic)
     got_letters: Counter[tuple[str, int, int]] = Counter()
-    for m in await _read(bootstrap, pipe.dead_letter_topic):
+    for m in await _read(kafka, pipe.dead_letter_topic):
         try:
             doc = json.loads(m.value or b"")
             got_letters[(str(doc["topic"]), int(doc["partition"]), int(doc["offset"]))] += 1
@@ -278,7 +279,7 @@ async def reconcile_pipeline(pipe: Pipeline, *, reference: Reference | None = No
     _diff(dlq, letters, got_letters, lambda t: f"dead letter of {t[0]}[{t[1]}]@{t[2]}")
     report.checks.append(dlq)
     written = [*sorted(outputs), pipe.dead_letter_topic, pipe.settings.progress_topic, *changelogs]
-    report.open_transactions = await open_transactions(bootstrap, dict.fromkeys(written))
+    report.open_transactions = await open_transactions(kafka, dict.fromkeys(written))
     report.seconds = time.monotonic() - started
     report.peak_rss_mb = _peak_rss_mb()
     return report

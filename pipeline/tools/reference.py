@@ -38,6 +38,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from pipeline.admin import declare_topics, ensure_topics
+from pipeline.connection import require_access
 from pipeline.domain.codecs import dlq_key
 from pipeline.domain.dedup import decide
 from pipeline.domain.orders import Balance, Send, decide_balance, decide_order
@@ -79,9 +80,10 @@ async def write_reference(settings: Settings, faults: frozenset[str] = frozenset
         "deltas": s.deltas_topic,
     }
     await declare_topics(s, [s.by_order_topic, *topics.values()])
-    await ensure_topics(s.bootstrap_servers, [orders_log, balances_log], s.partitions)
+    kafka = s.kafka
+    await ensure_topics(kafka, [orders_log, balances_log], s.partitions)
     producer = AIOKafkaProducer(
-        bootstrap_servers=s.bootstrap_servers,
+        **kafka.kwargs(),
         enable_idempotence=True,
         acks="all",
         linger_ms=20,
@@ -121,7 +123,7 @@ async def write_reference(settings: Settings, faults: frozenset[str] = frozenset
     orders: dict[bytes, bytes] = {}
     balances: dict[bytes, bytes] = {}
     try:
-        async for m in read_topic(s.bootstrap_servers, s.topic_raw):
+        async for m in read_topic(kafka, s.topic_raw):
             where = (s.topic_raw, m.partition, m.offset)
             routed = route_record(m.value, m.key, where)
             if isinstance(routed, DeadLetter):
@@ -201,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fault", action="append", default=[], choices=FAULTS)
     args = parser.parse_args(argv)
+    settings = Settings()
+    require_access(settings.kafka)
     started = time.monotonic()
-    n = asyncio.run(write_reference(Settings(), frozenset(args.fault)))
+    n = asyncio.run(write_reference(settings, frozenset(args.fault)))
     print(f"reference: wrote {n} records in {time.monotonic() - started:.1f} s")
     return 0
 

@@ -118,6 +118,7 @@ def test_it_takes_no_decision_from_the_engine() -> None:
 
     allowed = {
         "pipeline.api": {"SOURCE_HEADER", "Emit", "Invalid", "Pipeline", "StageInfo"},
+        "pipeline.connection": {"KafkaConnection"},
         "pipeline.kafka_io": {"Msg", "read_topic"},
         "pipeline.tools.reconcile": {"Report", "TopicCheck", "_peak_rss_mb", "open_transactions"},
     }

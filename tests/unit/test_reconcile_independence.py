@@ -23,6 +23,8 @@ DECIDING = (
 ALLOWED = {
     "pipeline.domain.codecs": {"DLQ_KEY_MAX_BYTES", "DLQ_MAX_BYTES", "REASON_MAX_BYTES"},
     "pipeline.domain.models": {"MAX_AMOUNT", "MAX_ID_CHARS", "MAX_TS_MS", "MAX_VALUE_BYTES"},
+    # how to connect (TLS, SASL): no decision
+    "pipeline.connection": {"KafkaConnection"},
     "pipeline.kafka_io": {"Msg", "end_offsets", "read_topic"},
     "pipeline.settings": {"Settings"},
 }
