@@ -113,6 +113,35 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if done >= total else 1
 
 
+def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    """Create the topics a pipeline reads and writes that do not exist yet, with their
+    configuration: for an operator's principal, on a cluster whose ACLs let the workers
+    create only their internal topics (README, "Secured cluster")."""
+    from pipeline.admin import declare_topics, ensure_topics
+
+    if args.pipeline:
+        pipe = _declared(args.pipeline)
+        s = pipe.settings
+        wanted = dict(pipe.app.topic_overrides)
+
+        async def run() -> None:
+            for name, config in wanted.items():
+                await ensure_topics(s.kafka, [name], s.partitions, s.replication, config=config)
+
+        names = list(wanted)
+    else:
+        from pipeline.admin import topic_configs
+
+        names = list(topic_configs(settings))
+
+        async def run() -> None:
+            await declare_topics(settings)
+
+    asyncio.run(run())
+    print(f"topics present: {', '.join(names)}")
+    return 0
+
+
 def _partition_counts(text: str) -> list[int]:
     """``8`` or ``8,64``: one partition count, or several run side by side."""
     counts = []
@@ -179,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
         " collector; see deploy/alerts.yml)",
     )
     p.set_defaults(func=_reconcile)
+
+    p = sub.add_parser(
+        "topics", help="create the topics a pipeline reads and writes (an operator's step)"
+    )
+    p.add_argument(
+        "--pipeline",
+        metavar="MODULE[:NAME]",
+        help="the topics of a pipeline of pipeline.api (default: the order pipeline's)",
+    )
+    p.set_defaults(func=_topics)
 
     p = sub.add_parser("status", help="input records committed by the worker group, and lag")
     p.add_argument(
