@@ -46,7 +46,8 @@ async def test_every_view_asks_for_the_token_and_forwards_it(
     base = f"http://127.0.0.1:{a.web_port}"
 
     refused: set[bytes] = set()
-    for path in ("/stats", "/orders/o1", "/users/u1/balance", "/no/such/route", "/router/"):
+    paths = ["/stats", "/orders/o1", "/users/u1/balance", "/stages/orders/state/o1"]
+    for path in [*paths, "/no/such/route", "/router/"]:
         for token in (None, "wrong-token-of-the-same-size-xx", TOKEN[:-1], "Bearer"):
             status, body = await asyncio.to_thread(_call, base + path, token)
             assert status == 401, (path, token, status, body)
@@ -59,6 +60,8 @@ async def test_every_view_asks_for_the_token_and_forwards_it(
     # With the token: the views answer, unknown routes and methods get clean 4xx.
     status, stats = await asyncio.to_thread(_call, base + "/stats", TOKEN)
     assert status == 200
+    status, body = await asyncio.to_thread(_call, base + "/stages/balances/state/nobody", TOKEN)
+    assert status == 404 and b"no state for this key" in body
     assert (await asyncio.to_thread(_call, base + "/no/such/route", TOKEN))[0] == 404
     assert (await asyncio.to_thread(_call, base + "/stats", TOKEN, "POST"))[0] == 405
     long_id = "o" * 20_000
