@@ -179,7 +179,8 @@ class Pipeline:
 
     ``name`` is the app id (the consumer group, the prefix of internal topics and
     transactional ids) unless ``PIPELINE_APP_ID`` sets another. ``dead_letters`` is the
-    dead-letter topic, ``"<name>.dlq"`` if not given.
+    dead-letter topic, ``"<name>.dlq"`` if not given. ``page`` is an HTML page served at
+    ``/`` (the order pipeline's dashboard); without one, Faust's ``{"status": "OK"}``.
     """
 
     def __init__(
@@ -188,6 +189,7 @@ class Pipeline:
         *,
         dead_letters: str | None = None,
         settings: Settings | None = None,
+        page: str | None = None,
     ) -> None:
         if settings is None:
             # An explicit PIPELINE_APP_ID wins, so that one module can run as several
@@ -196,7 +198,7 @@ class Pipeline:
         self.settings = settings
         self.app: PipelineApp = create_app(settings)
         self.app.order_topics = False
-        install_common(self.app)
+        install_common(self.app, page)
         self.app.eos.send_direct = direct_send(self.app)
         self.dead_letter_topic = self.topic_name(dead_letters or f"{name}.dlq")
         self._dead_letter = dead_letters_to(self.app, self.dead_letter_topic)

@@ -36,6 +36,7 @@ from pipeline.domain.orders import (
 )
 from pipeline.factory import PipelineApp
 from pipeline.settings import Settings
+from pipeline.web import dashboard
 
 
 @dataclass
@@ -73,7 +74,7 @@ def declare(settings: Settings) -> Topology:
             "pipeline's topics with PIPELINE_TOPIC_RAW, PIPELINE_TOPIC_UNIQUE, ..."
         )
     s = settings
-    pipe = Pipeline(s.app_id, dead_letters=s.topic_dlq, settings=s)
+    pipe = Pipeline(s.app_id, dead_letters=s.topic_dlq, settings=s, page=dashboard())
     app = pipe.app
     app.order_topics = True
     parse = Keyed(parse_order)

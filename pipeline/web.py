@@ -94,10 +94,23 @@ def _bearer_is(header: str | None, token: str) -> bool:
     )
 
 
-def install_common(app: PipelineApp) -> None:
+def install_common(app: PipelineApp, page: str | None = None) -> None:
     """``/stats`` and ``/metrics``: every pipeline's, the order one's and those of
-    :mod:`pipeline.api`."""
+    :mod:`pipeline.api`; and ``page`` at ``/``, if given.
+
+    ``/`` comes first: Faust serves an index of its own there (its "production index"
+    blueprint, which no setting turns off), added when the server starts. aiohttp
+    refuses that second ``GET /`` when ``/`` is the last route added before it, and
+    otherwise serves the first one, ours.
+    """
     settings = app.settings
+    if page is not None:
+        html = page
+
+        @app.page("/")
+        class PageView(View):
+            async def get(self, request: Request) -> Response:
+                return self.html(html)
 
     @app.page("/stats")
     class StatsView(View):
@@ -160,21 +173,17 @@ def state_view(app: PipelineApp, stage: str, table: Any, codec: Codec[Any]) -> N
                 )
 
 
+def dashboard() -> str:
+    """The order pipeline's dashboard page: static, its script polls ``/stats``."""
+    return files("pipeline").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
 def install(topo: Topology) -> None:
-    """The order pipeline's views: the dashboard, orders and balances (the common ones
-    come with every :class:`pipeline.api.Pipeline`)."""
+    """The order pipeline's views of orders and balances (the dashboard and the common
+    views come with its :class:`pipeline.api.Pipeline`)."""
     app = topo.app
     orders_table = topo.orders_table
     balances_table = topo.balances_table
-
-    # Read once at start: the page is static, its script polls /stats.
-    dashboard = files("pipeline").joinpath("dashboard.html").read_text(encoding="utf-8")
-
-    @app.page("/")
-    class DashboardView(View):
-        async def get(self, request: Request) -> Response:
-            return self.html(dashboard)
-
     if orders_table is None or balances_table is None:
         return  # PIPELINE_STAGES=dedup (bench): no state machine, no balances
 
