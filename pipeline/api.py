@@ -41,7 +41,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 from pipeline.admin import LARGE_CONFIG, RAW_CONFIG
 from pipeline.agents.dedup import WindowedDedup
@@ -86,9 +86,10 @@ class Invalid:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Emit:
-    """An output record. ``topic`` must be one of the stage's ``outputs``."""
+class Emit(NamedTuple):
+    """An output record. ``topic`` must be one of the stage's ``outputs``. (A named
+    tuple: an operator makes several per event, and a frozen dataclass's ``__init__``
+    costs a ``setattr`` call per field.)"""
 
     topic: str
     key: bytes | None
@@ -577,7 +578,8 @@ class Pipeline:
                     raise ValueError(
                         f"stage {name!r} emitted to {emit.topic!r}, not one of its outputs"
                     )
-                out.send(topic, emit.key, emit.value, None, list(emit.headers) or None)
+                headers = emit.headers
+                out.send(topic, emit.key, emit.value, None, list(headers) if headers else None)
                 sent[topic] += 1
 
         return handle

@@ -40,7 +40,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -330,9 +330,9 @@ def apply_delta(balance: Balance | None, delta: BalanceDelta) -> Balance:
 # -- the two stages' operators, and their whole per-record decisions ------------
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """One record to send: ``kind`` names the output topic."""
+class Send(NamedTuple):
+    """One record to send: ``kind`` names the output topic. (A named tuple: several per
+    event, and a frozen dataclass's ``__init__`` costs a ``setattr`` call per field.)"""
 
     kind: str  # "changes" | "rejected" | "coupons" | "deltas" | "dlq"
     key: bytes
