@@ -19,6 +19,14 @@ What a run does:
 
 Which worker a fault hits is drawn at run time from a second generator seeded from the
 same seed, so the choices repeat too, as far as the processes' timing lets them.
+
+``--pipeline MODULE --input FILE`` runs the same faults on a pipeline declared with
+:mod:`pipeline.api` (:class:`Declared`): its workers are ``faust -A MODULE worker``, its
+topics the run's own (``PIPELINE_TOPIC_PREFIX``), its input each line of ``FILE`` as a
+record value, some sent again later as a retrying producer would (``--copies``), and its
+verdict ``reconcile --pipeline`` (:mod:`pipeline.tools.reconcile_api`), which diffs every
+output, dead letter and state changelog; there is no live watch of ids, which only the
+order pipeline's contract defines.
 """
 
 from __future__ import annotations
@@ -35,19 +43,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline.admin import declare_topics
+from pipeline.admin import declare_topics, ensure_topics
 from pipeline.connection import security_env
 from pipeline.kafka_io import partitions_of
 from pipeline.settings import Settings
 from pipeline.tools.generate import generate
-from pipeline.tools.procs import ROOT, Worker, drained, namespaced_env, settings_from
+from pipeline.tools.procs import (
+    ROOT,
+    Worker,
+    drained,
+    drained_topics,
+    namespaced_env,
+    settings_from,
+)
 from pipeline.tools.reconcile import Report, reconcile
 
 KILL = "kill9"
@@ -78,13 +93,15 @@ class Plan:
     stops: int
     broker_restarts: int
     scale_changes: int
+    #: the options naming a declared pipeline and its input, for the replay command
+    target: str = ""
 
     def replay_command(self) -> str:
         return (
             f"python -m pipeline chaos --seed {self.seed} --events {self.events} "
             f"--workers {self.workers} --duration {self.duration_s:g} --kills {self.kills} "
             f"--stops {self.stops} --broker-restarts {self.broker_restarts} "
-            f"--scale-changes {self.scale_changes}"
+            f"--scale-changes {self.scale_changes}{self.target}"
         )
 
 
@@ -185,6 +202,8 @@ class ChaosResult:
     #: workers that exited without being killed (restarted by the run's supervisor)
     exits: list[str] = field(default_factory=list)
     zombies: list[str] = field(default_factory=list)
+    #: whether the live duplicate watch ran (the order pipeline's ids only)
+    watched: bool = True
 
     @property
     def skipped(self) -> list[Injected]:
@@ -222,10 +241,13 @@ class ChaosResult:
             f"events: {self.produced} produced ({self.distinct_ids} distinct event ids); "
             + ", ".join(f"{t} {n}" for t, n in self.watch_counts.items())
         )
-        lines.append(
-            f"live duplicate watch: {len(self.watch_duplicates)} duplicates"
-            + (f", first {self.watch_duplicates[:3]}" if self.watch_duplicates else "")
-        )
+        if self.watched:
+            lines.append(
+                f"live duplicate watch: {len(self.watch_duplicates)} duplicates"
+                + (f", first {self.watch_duplicates[:3]}" if self.watch_duplicates else "")
+            )
+        else:
+            lines.append("live duplicate watch: none (a declared pipeline); reconcile below")
         lines += [f"zombie: {z}" for z in self.zombies]
         if self.exits:
             lines.append(f"workers that exited by themselves: {', '.join(self.exits)}")
@@ -237,25 +259,99 @@ class ChaosResult:
         return "\n".join(lines)
 
 
+@dataclass
+class Declared:
+    """A pipeline of :mod:`pipeline.api` to run the faults on, and its input."""
+
+    #: the module of the pipeline (``module`` or ``module:attribute``, as ``reconcile
+    #: --pipeline`` takes it)
+    target: str
+    #: the input's record values, in order
+    values: list[bytes]
+    #: the share of records sent a second time, later, as a retrying producer would
+    copies: float = 0.3
+
+    @property
+    def module(self) -> str:
+        return self.target.partition(":")[0]
+
+    def records(self, seed: int) -> list[tuple[bytes | None, bytes]]:
+        """The values, each copy inserted at a later place drawn from ``seed``."""
+        rng = random.Random(seed)
+        n = len(self.values)
+        places: list[tuple[float, int, bytes]] = []
+        for i, v in enumerate(self.values):
+            places.append((i, 0, v))
+            if rng.random() < self.copies:
+                places.append((rng.uniform(i, n), 1, v))  # after its first send
+        return [(None, v) for _, _, v in sorted(places)]
+
+    def load(self, env: dict[str, str]) -> Any:
+        """The pipeline, imported with the run's settings (its app id and topic prefix),
+        which a :class:`pipeline.api.Pipeline` reads from the environment as it is made."""
+        import importlib
+
+        from pipeline.api import Pipeline
+
+        os.environ.update(env)
+        module_name, _, attribute = self.target.partition(":")
+        sys.path.insert(0, os.getcwd())
+        pipe = getattr(importlib.import_module(module_name), attribute or "pipe", None)
+        if not isinstance(pipe, Pipeline):
+            raise SystemExit(f"{self.target}: not a pipeline.api.Pipeline")
+        return pipe
+
+
 class Run:
     """One chaos run's processes and tasks."""
 
-    def __init__(self, plan: Plan, base: Settings, workdir: Path, say: Any) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        base: Settings,
+        workdir: Path,
+        say: Any,
+        declared: Declared | None = None,
+    ) -> None:
         self.plan = plan
         self.workdir = workdir
         self.say = say
+        self.declared = declared
         self.app_id = f"chaos-{plan.seed}-{os.urandom(3).hex()}"
-        self.env = namespaced_env(
-            self.app_id,
-            base.broker,
-            workdir / "w0",
+        extra = {
             # The broker's minimum: a dead or frozen worker's partitions move on quickly.
-            PIPELINE_SESSION_TIMEOUT_S=str(base.session_timeout_s),
-            PIPELINE_PARTITIONS=str(base.partitions),
+            "PIPELINE_SESSION_TIMEOUT_S": str(base.session_timeout_s),
+            "PIPELINE_PARTITIONS": str(base.partitions),
             # How to reach the broker (TLS, SASL), as the run's own clients do.
             **security_env(base),
-        )
-        self.settings = settings_from(self.env)
+        }
+        self.pipe: Any = None
+        if declared is None:
+            self.env = namespaced_env(self.app_id, base.broker, workdir / "w0", **extra)
+            self.settings = settings_from(self.env)
+            #: the topic the input goes to, and the one whose partitions a worker's
+            #: /stats names as the input it processes
+            self.input_topic = self.settings.topic_raw
+        else:
+            self.env = {
+                "PIPELINE_BROKER": base.broker,
+                "PIPELINE_APP_ID": self.app_id,
+                "PIPELINE_TOPIC_PREFIX": self.app_id + ".",
+                "PIPELINE_DATADIR": str(workdir / "w0"),
+                **extra,
+            }
+            self.pipe = declared.load(self.env)
+            self.settings = self.pipe.settings
+            written = {t for info in self.pipe.stages.values() for t in info.outputs}
+            entries = [
+                info.source for info in self.pipe.stages.values() if info.source not in written
+            ]
+            if len(set(entries)) != 1:
+                raise SystemExit(
+                    f"{declared.target}: chaos feeds one input topic; this pipeline reads "
+                    f"{sorted(set(entries))}"
+                )
+            self.input_topic = entries[0]
         self.kafka = self.settings.kafka
         self.picks = random.Random(plan.seed + 1)
         self.workers: list[Worker] = []
@@ -281,7 +377,8 @@ class Run:
     def new_worker(self) -> Worker:
         name = f"w{len(self.workers)}"
         env = dict(self.env, PIPELINE_DATADIR=str(self.workdir / name))
-        w = Worker(env, self.workdir / f"{name}.log", name=name)
+        app = self.declared.module if self.declared is not None else "pipeline.app"
+        w = Worker(env, self.workdir / f"{name}.log", name=name, app=app)
         self.workers.append(w)
         w.start()
         return w
@@ -431,7 +528,7 @@ class Run:
         """The input partitions a worker's /stats says it processes."""
         if stats is None:
             return set()
-        return set(stats.get("partitions", {}).get(self.settings.topic_raw, []))
+        return set(stats.get("partitions", {}).get(self.input_topic, []))
 
     async def thaw(self, victim: Worker, seconds: float, held: set[int]) -> None:
         # While it is frozen, watch the others take its partitions over: when it wakes
@@ -505,7 +602,7 @@ class Run:
                 while i < len(records):
                     chunk = records[i : i + 200]
                     futures = [
-                        await producer.send(self.settings.topic_raw, value, key=key)
+                        await producer.send(self.input_topic, value, key=key)
                         for key, value in chunk
                     ]
                     for fut in futures:
@@ -579,8 +676,10 @@ async def run_chaos(
     workdir: Path | None = None,
     drain_timeout: float = 600,
     say: Any = None,
+    declared: Declared | None = None,
 ) -> ChaosResult:
-    """Run one chaos plan and return its result (the caller prints the summary)."""
+    """Run one chaos plan and return its result (the caller prints the summary); on a
+    declared pipeline with ``declared``."""
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     # Connection errors while the broker is down are the point of the run; the run
     # reports what matters itself, and the workers' logs keep the details. Restored
@@ -589,35 +688,51 @@ async def run_chaos(
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        return await _run(plan, base, workdir, drain_timeout, say)
+        return await _run(plan, base, workdir, drain_timeout, say, declared)
     finally:
         quiet.setLevel(level)
 
 
 async def _run(
-    plan: Plan, base: Settings, workdir: Path | None, drain_timeout: float, say: Any
+    plan: Plan,
+    base: Settings,
+    workdir: Path | None,
+    drain_timeout: float,
+    say: Any,
+    declared: Declared | None,
 ) -> ChaosResult:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="pipeline-chaos-"))
-    run = Run(plan, base, workdir, say)
+    run = Run(plan, base, workdir, say, declared)
     s = run.settings
     faults = schedule(plan)
-    result = ChaosResult(plan=plan, app_id=run.app_id, faults=faults, workdir=str(workdir))
+    result = ChaosResult(
+        plan=plan, app_id=run.app_id, faults=faults, workdir=str(workdir), watched=not declared
+    )
     say(f"chaos {run.app_id}: seed {plan.seed}; schedule:")
     for f in faults:
         say(f"  {f}")
-    outputs = [s.topic_raw, *run.watch.topics]
-    await declare_topics(s, outputs)
-    records = [
-        (r.key, r.value)
-        for r in generate(
-            plan.events, seed=plan.seed, dup_rate=0.3, bad_rate=0.01, illegal_rate=0.05
-        )
-    ]
-    result.distinct_ids = len({_event_id(v) for _, v in records} - {None})
+    if declared is None:
+        await declare_topics(s, [s.topic_raw, *run.watch.topics])
+        records = [
+            (r.key, r.value)
+            for r in generate(
+                plan.events, seed=plan.seed, dup_rate=0.3, bad_rate=0.01, illegal_rate=0.05
+            )
+        ]
+        result.distinct_ids = len({_event_id(v) for _, v in records} - {None})
+    else:
+        # Its topics with their configuration (a dedup source keeps the append time)
+        # before the first record: the workers would create them, but only once started.
+        for name, config in run.pipe.app.topic_overrides.items():
+            await ensure_topics(run.kafka, [name], s.partitions, s.replication, config=config)
+        records = declared.records(plan.seed)
+        result.distinct_ids = len(set(declared.values))
     for _ in range(plan.workers):
         run.new_worker()
     stop_watch = asyncio.Event()
-    watch = asyncio.ensure_future(run.watch_outputs(stop_watch))
+    watch = asyncio.ensure_future(
+        run.watch_outputs(stop_watch) if declared is None else stop_watch.wait()
+    )
     run.produce_from = run.elapsed()
     producing = asyncio.ensure_future(run.produce(records, plan.duration_s * 0.75))
     ticker = asyncio.ensure_future(_ticker(run, sys.stderr.isatty()))
@@ -660,7 +775,12 @@ async def _run(
     result.watch_counts = {t: run.watch.count(t) for t in run.watch.topics}
     result.exits = list(run.exits)
     result.zombies = list(run.zombies)
-    result.report = await reconcile(s)
+    if declared is None:
+        result.report = await reconcile(s)
+    else:
+        from pipeline.tools.reconcile_api import reconcile_pipeline
+
+        result.report = await reconcile_pipeline(run.pipe)
     result.seconds = run.elapsed()
     return result
 
@@ -678,7 +798,11 @@ async def _wait_drained(run: Run, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            done, total = await drained(run.settings)
+            if run.pipe is None:
+                done, total = await drained(run.settings)
+            else:
+                topics = [t for i in run.pipe.stages.values() for t in (i.source, i.processed_from)]
+                done, total = await drained_topics(run.settings, list(dict.fromkeys(topics)))
         except Exception as exc:  # the broker may still be settling after its restart
             run.say(f"drain check: {exc!r}")
             await asyncio.sleep(1)
@@ -693,10 +817,15 @@ async def _ticker(run: Run, tty: bool) -> None:
     last = 0.0
     while True:
         await asyncio.sleep(1)
+        watched = (
+            f"unique out {run.watch.count(run.settings.topic_unique)}  "
+            f"duplicates {len(run.watch.duplicates)}  "
+            if run.pipe is None
+            else ""
+        )
         line = (
             f"t+{run.elapsed():5.0f}s produced {run.produced}/{run.plan.events}  "
-            f"unique out {run.watch.count(run.settings.topic_unique)}  "
-            f"duplicates {len(run.watch.duplicates)}  workers {len(run.running())}"
+            f"{watched}workers {len(run.running())}"
         )
         if tty:
             print("\r" + line, end="", file=sys.stderr, flush=True)
@@ -734,6 +863,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--drain-timeout", type=float, default=600, help="seconds to drain (600)")
     p.add_argument("--workdir", default=None, help="worker data and logs (a new temp dir)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--pipeline",
+        metavar="MODULE[:NAME]",
+        help="a pipeline declared with pipeline.api instead of the order pipeline (needs --input)",
+    )
+    p.add_argument(
+        "--input",
+        metavar="FILE",
+        help="with --pipeline: its input, one record value per line (--events is then "
+        "the number of lines)",
+    )
+    p.add_argument(
+        "--copies",
+        type=float,
+        default=0.3,
+        help="with --pipeline: the share of input records sent again later (0.3)",
+    )
     p.set_defaults(func=main)
 
 
@@ -757,8 +903,32 @@ class BrokerDidNotReturn(RuntimeError):
 EXIT_NO_VERDICT = 2
 
 
+def declared_from(args: argparse.Namespace) -> Declared | None:
+    """``--pipeline`` and its ``--input``, or None for the order pipeline."""
+    if not args.pipeline:
+        if args.input:
+            raise SystemExit("chaos: --input goes with --pipeline")
+        return None
+    if not args.input:
+        raise SystemExit("chaos --pipeline needs --input FILE (one record value per line)")
+    if not 0 <= args.copies <= 1:
+        raise SystemExit("chaos: --copies is a share, 0 to 1")
+    values = [line for line in Path(args.input).read_bytes().splitlines() if line.strip()]
+    if not values:
+        raise SystemExit(f"chaos: {args.input} holds no record")
+    return Declared(args.pipeline, values, args.copies)
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    declared = declared_from(args)
+    if declared is not None:
+        args.events = len(declared.values)
     plan = plan_from(args)
+    if declared is not None:
+        plan = replace(
+            plan,
+            target=f" --pipeline {args.pipeline} --input {args.input} --copies {args.copies:g}",
+        )
     try:
         result = asyncio.run(
             run_chaos(
@@ -766,6 +936,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 settings,
                 workdir=Path(args.workdir) if args.workdir else None,
                 drain_timeout=args.drain_timeout,
+                declared=declared,
             )
         )
     except BrokerDidNotReturn as exc:
@@ -775,6 +946,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         doc = {
             "verdict": "PASS" if result.ok else "FAIL",
+            "app_id": result.app_id,
             "seed": plan.seed,
             "plan": plan.__dict__,
             "faults": [
@@ -782,6 +954,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 for i in result.injected
             ],
             "produced": result.produced,
+            "zombies": result.zombies,
+            "exits": result.exits,
             "watch_duplicates": [[t, list(i)] for t, i in result.watch_duplicates],
             "reconcile": result.report.as_dict() if result.report else None,
             "seconds": round(result.seconds, 1),

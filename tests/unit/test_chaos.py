@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import orjson
 import pytest
@@ -18,8 +19,10 @@ from pipeline.tools.chaos import (
     SCALE_UP,
     STOP,
     BrokerDidNotReturn,
+    Declared,
     DuplicateWatch,
     Plan,
+    declared_from,
     kinds_of,
     plan_from,
     schedule,
@@ -99,6 +102,9 @@ def _args(**over: object) -> argparse.Namespace:
         broker_restarts=1,
         scale_changes=2,
         faults=None,
+        pipeline=None,
+        input=None,
+        copies=0.3,
     )
     base.update(over)
     return argparse.Namespace(**base)
@@ -182,3 +188,35 @@ def test_watch_counts_unreadable_records_without_failing() -> None:
         (s.topic_unique, 2, 8),
         (s.topic_unique, 2, 9),
     ]
+
+
+def test_a_declared_pipelines_input_sends_copies_later_as_a_retrying_producer_would() -> None:
+    values = [b"v%d" % i for i in range(1000)]
+    declared = Declared("examples.payments.app", values, copies=0.3)
+    records = declared.records(seed=5)
+    assert records == declared.records(seed=5)  # the seed replays it
+    sent = [v for _, v in records]
+    assert set(sent) == set(values) and all(k is None for k, _ in records)
+    extra = len(sent) - len(values)
+    assert 200 < extra < 400  # about 30% sent twice, none three times
+    assert max(sent.count(v) for v in values) == 2
+    # The originals keep their order; a copy never comes before its first send.
+    firsts = sorted(values, key=sent.index)
+    assert firsts == values
+    assert Declared("m", values, copies=0.0).records(seed=5) == [(None, v) for v in values]
+
+
+def test_chaos_on_a_declared_pipeline_needs_its_input(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="needs --input"):
+        declared_from(_args(pipeline="examples.payments.app"))
+    with pytest.raises(SystemExit, match="goes with --pipeline"):
+        declared_from(_args(input="x"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(SystemExit, match="holds no record"):
+        declared_from(_args(pipeline="m", input=str(empty)))
+    two = tmp_path / "two.jsonl"
+    two.write_bytes(b'{"a": 1}\n\n{"a": 2}\n')
+    found = declared_from(_args(pipeline="m:pipe", input=str(two)))
+    assert found is not None and found.values == [b'{"a": 1}', b'{"a": 2}']
+    assert found.module == "m" and declared_from(_args()) is None
