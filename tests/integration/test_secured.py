@@ -312,3 +312,21 @@ async def test_a_wrong_password_ends_a_worker_and_a_tool_at_once_with_one_line(
     assert len(errors) == 1 and "authentication failed for user 'tools'" in errors[0], run.stderr
     assert "Traceback" not in run.stderr
     print(f"reconcile with a wrong password ended in {took:.1f} s")
+
+
+async def test_an_untrusted_broker_certificate_ends_a_worker_with_one_line(
+    secured: Secured, app: App
+) -> None:
+    # A CA that did not sign the broker's certificate: a man in the middle, to the client.
+    untrusted = {"PIPELINE_KAFKA_SSL_CAFILE": str(secured.secrets / "untrusted-ca.pem")}
+    worker = _worker(app, "w", **{**secured.sasl("pipeline"), **untrusted})
+    worker.start()
+    try:
+        code = await asyncio.to_thread(worker.wait_exit, 120)
+    finally:
+        worker.stop()
+    assert code == EXIT_CONFIG, worker.log_tail()
+    assert "TLS handshake with" in worker.log_tail() and "certificate verify failed" in (
+        worker.log_tail()
+    )
+    assert secured.password("pipeline") not in worker.log_path.read_text()
