@@ -2,8 +2,10 @@
 ``reconcile`` itself, and for measuring it at scale.
 
 It reads ``orders.raw`` with a ``read_committed`` consumer and writes what a correct
-pipeline writes, with the workers' own pure operators (``route_record``, the dedup
-``decide``, ``decide_order``, ``decide_balance``): the rekeyed input and
+pipeline writes, with the pure decisions the workers' stages are declared with
+(``route_record``: the contract's parse and the rekey by order; the dedup ``decide``;
+``decide_order`` around ``order_step``; ``decide_balance`` around ``apply_delta``): the
+rekeyed input and
 ``orders.unique`` (arrival timestamps, ``pipeline.src`` headers), the dead letters, every
 output topic, the balance deltas, and the final row of the ``orders`` and
 ``users.balances`` tables to their changelogs. ``reconcile``, which shares none of that
