@@ -63,3 +63,13 @@ async def settled_owners(
                 return owners
         await asyncio.sleep(0.2)
     raise AssertionError(f"the workers did not settle in {timeout}s: {owners}")
+
+
+async def exit_code(worker: Worker, timeout: float = 120) -> int | None:
+    """Start ``worker`` and wait for it to end by itself (a refusal at start); its exit
+    status, or None if it still ran after ``timeout`` (then it is stopped)."""
+    worker.start()
+    try:
+        return await asyncio.to_thread(worker.wait_exit, timeout)
+    finally:
+        worker.stop()

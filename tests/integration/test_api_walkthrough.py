@@ -22,7 +22,7 @@ from pipeline.kafka_io import produce, read_topic
 from pipeline.tools.generate import Record
 from pipeline.tools.procs import Worker, drained_topics
 
-from .harness import settings_from
+from .harness import exit_code, settings_from
 
 pytestmark = pytest.mark.integration
 
@@ -44,12 +44,7 @@ async def test_page_views_are_counted_once_per_view_and_reconciled(
         records += [Record(None, value, "new")] * (1 + (rnd.random() < 0.3))
     records.append(Record(None, b"not a view", "bad"))
     rnd.shuffle(records)
-    worker = Worker(
-        {**env, "PIPELINE_DATADIR": str(tmp_path / "w")},
-        tmp_path / "w.log",
-        name="w",
-        app="tests.integration.pageviews_app",
-    )
+    worker = _worker(env, tmp_path)
     worker.start()
     try:
         source = f"{app_id}.pageviews.raw"
@@ -115,17 +110,12 @@ async def test_a_dedup_stage_refuses_a_source_that_keeps_producer_timestamps(
     settings = settings_from(env)
     source = f"{app_id}.pageviews.raw"
     await ensure_topics(settings.bootstrap_servers, [source], settings.partitions)  # CreateTime
-    worker = Worker(
-        {**env, "PIPELINE_DATADIR": str(tmp_path / "w")},
-        tmp_path / "w.log",
-        name="w",
-        app="tests.integration.pageviews_app",
-    )
-    worker.start()
-    try:
-        code = await asyncio.to_thread(worker.wait_exit, 120)
-    finally:
-        worker.stop()
-    assert code == EXIT_CONFIG, worker.log_tail()
+    worker = _worker(env, tmp_path)
+    assert await exit_code(worker) == EXIT_CONFIG, worker.log_tail()
     log = worker.log_tail()
     assert source in log and "message.timestamp.type=CreateTime" in log, log
+
+
+def _worker(env: dict[str, str], tmp_path: Path) -> Worker:
+    wenv = {**env, "PIPELINE_DATADIR": str(tmp_path / "w")}
+    return Worker(wenv, tmp_path / "w.log", name="w", app="tests.integration.pageviews_app")

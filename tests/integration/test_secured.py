@@ -42,6 +42,8 @@ from pipeline.tools.procs import (
 )
 from pipeline.tools.reconcile import reconcile
 
+from .harness import exit_code
+
 pytestmark = pytest.mark.integration
 
 SCRIPT = str(ROOT / "scripts" / "kafka")
@@ -285,12 +287,7 @@ async def test_a_wrong_password_ends_a_worker_and_a_tool_at_once_with_one_line(
     wrong = app.tmp / "wrong.password"
     wrong.write_text("not-the-password")
     worker = _worker(app, "w", **secured.sasl("pipeline", password_file=wrong))
-    worker.start()
-    try:
-        code = await asyncio.to_thread(worker.wait_exit, 120)
-    finally:
-        worker.stop()
-    assert code == EXIT_CONFIG, worker.log_tail()
+    assert await exit_code(worker) == EXIT_CONFIG, worker.log_tail()
     line = "kafka: authentication failed for user 'pipeline' (SCRAM-SHA-512)"
     assert line in worker.log_tail()
     assert worker.log_path.read_text().count("authentication failed") <= 2  # no retry storm
@@ -320,12 +317,7 @@ async def test_an_untrusted_broker_certificate_ends_a_worker_with_one_line(
     # A CA that did not sign the broker's certificate: a man in the middle, to the client.
     untrusted = {"PIPELINE_KAFKA_SSL_CAFILE": str(secured.secrets / "untrusted-ca.pem")}
     worker = _worker(app, "w", **{**secured.sasl("pipeline"), **untrusted})
-    worker.start()
-    try:
-        code = await asyncio.to_thread(worker.wait_exit, 120)
-    finally:
-        worker.stop()
-    assert code == EXIT_CONFIG, worker.log_tail()
+    assert await exit_code(worker) == EXIT_CONFIG, worker.log_tail()
     assert "TLS handshake with" in worker.log_tail() and "certificate verify failed" in (
         worker.log_tail()
     )

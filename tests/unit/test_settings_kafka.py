@@ -10,26 +10,13 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from pipeline.settings import Settings
-from tests.unit import pki as pki_module
 from tests.unit.pki import KEY_PASSWORD, Pki
 
 PASSWORD = "s3cr3t-Pa55word-never-shown"
 TOKEN = "web-token-never-shown-0123456789"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name.upper().startswith("PIPELINE_"):
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if not pki_module.available():
-        pytest.skip("openssl is not installed")
-    return pki_module.make(tmp_path_factory.mktemp("pki"))
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def sasl(**extra: object) -> dict[str, object]:
