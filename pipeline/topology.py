@@ -13,19 +13,23 @@ Three stages, each a declaration of the contract (``../shared/CONTRACT.md``):
    balance deltas keyed by ``user_id`` into ``<app>-balance-deltas``;
 3. ``balances`` adds each delta to the user's row of ``users.balances``.
 
-The web views are wired onto it by :func:`pipeline.worker.build`. The names of the
-tables and internal topics are those the pipeline had before it was declared through
-the API: a deployment's state and the records in flight stay where they are.
+Its views of orders and balances (:func:`install_views`) are wired on by
+:func:`pipeline.worker.build`. The names of the tables and internal topics are those the
+pipeline had before it was declared through the API: a deployment's state and the
+records in flight stay where they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib.resources import files
 from typing import Any
 
+from faust.web import Request, Response, View
+
 from pipeline.api import Codec, Dedup, Emit, Invalid, Keyed, Pipeline
-from pipeline.domain.models import BadInput, OrderEvent, parse_event
+from pipeline.domain.models import MAX_ID_CHARS, BadInput, OrderEvent, parse_event
 from pipeline.domain.orders import (
     Balance,
     BalanceDelta,
@@ -36,7 +40,7 @@ from pipeline.domain.orders import (
 )
 from pipeline.factory import PipelineApp
 from pipeline.settings import Settings
-from pipeline.web import dashboard
+from pipeline.web import answer
 
 
 @dataclass
@@ -131,3 +135,59 @@ def declare(settings: Settings) -> Topology:
         return apply_delta(balance, delta), []
 
     return Topology(s, pipe, app, pipe.tables["orders"], pipe.tables["users.balances"])
+
+
+# -- the order pipeline's web views ---------------------------------------------
+
+
+def _bad_id(name: str, value: str) -> str | None:
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        return f"{name} must have 1 to {MAX_ID_CHARS} characters"
+    if any(ord(c) < 32 for c in value):
+        return f"{name} must not contain control characters"
+    return None
+
+
+def dashboard() -> str:
+    """The order pipeline's dashboard page: static, its script polls ``/stats``."""
+    return files("pipeline").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
+def install_views(topo: Topology) -> None:
+    """The order pipeline's views of orders and balances (the dashboard and the common
+    views come with its :class:`pipeline.api.Pipeline`)."""
+    app = topo.app
+    orders_table = topo.orders_table
+    balances_table = topo.balances_table
+    if orders_table is None or balances_table is None:
+        return  # PIPELINE_STAGES=dedup (bench): no state machine, no balances
+
+    @app.page("/orders/{order_id}")
+    class OrderView(View):
+        # The ignores: Faust types the decorated method as taking the base View.
+        @app.table_route(table=orders_table, match_info="order_id")  # type: ignore[arg-type]
+        async def get(
+            self, request: Request, *args: Any, order_id: str = "", **kw: Any
+        ) -> Response:
+            error = _bad_id("order_id", order_id)
+            if error:
+                return self.json({"error": error}, status=400)
+            raw = orders_table.get(order_id.encode())
+            if raw is None:
+                return self.json({"error": "order not found", "order_id": order_id}, status=404)
+            return answer(self, Order.decode(raw).to_json())
+
+    @app.page("/users/{user_id}/balance")
+    class BalanceView(View):
+        @app.table_route(table=balances_table, match_info="user_id")  # type: ignore[arg-type]
+        async def get(self, request: Request, *args: Any, user_id: str = "", **kw: Any) -> Response:
+            error = _bad_id("user_id", user_id)
+            if error:
+                return self.json({"error": error}, status=400)
+            raw = balances_table.get(user_id.encode())
+            if raw is None:
+                # A user with no paid order has a zero balance; say whether we know them.
+                return self.json(
+                    {"error": "no balance for this user", "user_id": user_id}, status=404
+                )
+            return answer(self, Balance.decode(raw).to_json())

@@ -1,8 +1,10 @@
-"""Web views on the worker's Faust web server.
+"""Web views on the worker's Faust web server, for every pipeline: ``/stats``,
+``/metrics``, each stateful stage's state, and the bearer token that guards them all (the
+order pipeline's own views are in :mod:`pipeline.topology`).
 
-``/orders/{order_id}`` and ``/users/{user_id}/balance`` go through Faust's
-``table_route``: asked on any worker, the request is forwarded to the worker that owns
-the key's partition, which answers from its local store.
+Views of state go through Faust's ``table_route``: asked on any worker, the request is
+forwarded to the worker that owns the key's partition, which answers from its local
+store.
 
 How stale can an answer be? Views read committed state only (the RocksDB store, which
 :mod:`pipeline.eos` writes after each Kafka transaction commits), so an answer lags the
@@ -21,31 +23,19 @@ from __future__ import annotations
 
 import hmac
 import json
-from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web as aiohttp_web
 from faust.web import Request, Response, View
 
-from pipeline.domain.models import MAX_ID_CHARS
-from pipeline.domain.orders import Balance, Order
-
 if TYPE_CHECKING:
     from pipeline.api import Codec
     from pipeline.factory import PipelineApp
     from pipeline.settings import Settings
-    from pipeline.topology import Topology
 
 
-def _bad_id(name: str, value: str) -> str | None:
-    if not 1 <= len(value) <= MAX_ID_CHARS:
-        return f"{name} must have 1 to {MAX_ID_CHARS} characters"
-    if any(ord(c) < 32 for c in value):
-        return f"{name} must not contain control characters"
-    return None
-
-
-def _answer(view: View, body: dict[str, Any]) -> Response:
+def answer(view: View, body: dict[str, Any]) -> Response:
+    """``body`` as JSON, marked ``X-Pipeline-Stale`` while the worker rebalances."""
     # The standard library's JSON, not Faust's (orjson): a balance can outgrow 64 bits.
     response = view.bytes(json.dumps(body).encode(), content_type="application/json")
     if view.app.rebalancing:
@@ -162,7 +152,7 @@ def state_view(app: PipelineApp, stage: str, table: Any, codec: Codec[Any]) -> N
                 return self.json({"error": "no state for this key", "key": key}, status=404)
             state = codec.decode(raw)
             try:
-                return _answer(
+                return answer(
                     self, {"stage": stage, "key": key, "state": show(state) if show else state}
                 )
             except (TypeError, ValueError):
@@ -171,48 +161,3 @@ def state_view(app: PipelineApp, stage: str, table: Any, codec: Codec[Any]) -> N
                     {"error": f"stage {stage!r}: its state is not JSON; give Codec(show=...)"},
                     status=500,
                 )
-
-
-def dashboard() -> str:
-    """The order pipeline's dashboard page: static, its script polls ``/stats``."""
-    return files("pipeline").joinpath("dashboard.html").read_text(encoding="utf-8")
-
-
-def install(topo: Topology) -> None:
-    """The order pipeline's views of orders and balances (the dashboard and the common
-    views come with its :class:`pipeline.api.Pipeline`)."""
-    app = topo.app
-    orders_table = topo.orders_table
-    balances_table = topo.balances_table
-    if orders_table is None or balances_table is None:
-        return  # PIPELINE_STAGES=dedup (bench): no state machine, no balances
-
-    @app.page("/orders/{order_id}")
-    class OrderView(View):
-        # The ignores: Faust types the decorated method as taking the base View.
-        @app.table_route(table=orders_table, match_info="order_id")  # type: ignore[arg-type]
-        async def get(
-            self, request: Request, *args: Any, order_id: str = "", **kw: Any
-        ) -> Response:
-            error = _bad_id("order_id", order_id)
-            if error:
-                return self.json({"error": error}, status=400)
-            raw = orders_table.get(order_id.encode())
-            if raw is None:
-                return self.json({"error": "order not found", "order_id": order_id}, status=404)
-            return _answer(self, Order.decode(raw).to_json())
-
-    @app.page("/users/{user_id}/balance")
-    class BalanceView(View):
-        @app.table_route(table=balances_table, match_info="user_id")  # type: ignore[arg-type]
-        async def get(self, request: Request, *args: Any, user_id: str = "", **kw: Any) -> Response:
-            error = _bad_id("user_id", user_id)
-            if error:
-                return self.json({"error": error}, status=400)
-            raw = balances_table.get(user_id.encode())
-            if raw is None:
-                # A user with no paid order has a zero balance; say whether we know them.
-                return self.json(
-                    {"error": "no balance for this user", "user_id": user_id}, status=404
-                )
-            return _answer(self, Balance.decode(raw).to_json())

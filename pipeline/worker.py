@@ -6,12 +6,11 @@ environment; tests and tools call it with their own.
 
 from __future__ import annotations
 
-from pipeline import web
 from pipeline.settings import Settings
-from pipeline.topology import Topology, declare
+from pipeline.topology import Topology, declare, install_views
 
 
 def build(settings: Settings | None = None) -> Topology:
     topo = declare(settings or Settings())
-    web.install(topo)
+    install_views(topo)
     return topo
