@@ -28,7 +28,9 @@ class Stats:
     counted_as: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.type == "int"}
+        counts = {
+            f.name: value for f in fields(self) if isinstance(value := getattr(self, f.name), int)
+        }
         for name, topic in self.counted_as.items():
             counts[name] = self.outputs[topic]
         return counts
