@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from typing import Any
 
@@ -45,18 +44,9 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _declared(target: str) -> Any:
-    """The :class:`pipeline.api.Pipeline` named ``module:attribute`` (or ``module``,
-    whose ``pipe`` it is), imported from the current directory too."""
-    import importlib
+    from pipeline.api import load
 
-    from pipeline.api import Pipeline
-
-    module_name, _, attribute = target.partition(":")
-    sys.path.insert(0, os.getcwd())
-    obj = getattr(importlib.import_module(module_name), attribute or "pipe", None)
-    if not isinstance(obj, Pipeline):
-        raise SystemExit(f"{target}: not a pipeline.api.Pipeline (give module:attribute)")
-    return obj
+    return load(target)
 
 
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:

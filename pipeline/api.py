@@ -590,3 +590,18 @@ def _header(headers: Any, name: str) -> bytes | None:
         if k == name:
             return bytes(v)
     return None
+
+
+def load(target: str) -> Pipeline:
+    """The :class:`Pipeline` named ``module:attribute`` (or ``module``, whose ``pipe`` it
+    is), imported from the current directory too: what ``--pipeline`` names on the
+    command line (``reconcile``, ``status``, ``topics``, ``chaos``)."""
+    import importlib
+    import sys
+
+    module_name, _, attribute = target.partition(":")
+    sys.path.insert(0, os.getcwd())
+    found = getattr(importlib.import_module(module_name), attribute or "pipe", None)
+    if not isinstance(found, Pipeline):
+        raise SystemExit(f"{target}: not a pipeline.api.Pipeline (give module:attribute)")
+    return found

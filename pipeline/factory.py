@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from mode.utils.times import want_seconds
 from prometheus_client import Histogram
@@ -93,22 +93,18 @@ class PipelineApp(EngineApp):
             web.web_app.middlewares.append(guard)
 
     async def on_first_start(self) -> None:
-        # >>> Kafka preflight (issue 17): the worker's hook. Before any Kafka client of
-        # this worker starts (Faust starts its consumer and producer after this method),
-        # connect as they will; refused credentials or TLS end the worker here with one
-        # line, instead of aiokafka's "Unable to bootstrap" retried without end.
+        # Before any Kafka client of this worker starts (Faust starts its consumer and
+        # producer after this method), connect as they will: refused credentials or TLS
+        # end the worker here with one line, instead of aiokafka's "Unable to bootstrap"
+        # retried without end.
         await self._refuse_kafka_access()
-        # <<< Kafka preflight
         # Source and output topics are declared here, before the consumer subscribes,
         # with the partition count of the settings (Faust declares only internal ones).
         try:
             await self._declare_topics()
         except TopicsRefused as exc:
             # A user without the Create right (a secured cluster): no retry helps.
-            log.critical("refusing to start: %s", exc)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os._exit(EXIT_CONFIG)
+            _refuse([str(exc)], EXIT_CONFIG)
         await self._refuse_unsafe_topics()
         await super().on_first_start()
 
@@ -146,16 +142,13 @@ class PipelineApp(EngineApp):
         try:
             await preflight(self.settings.kafka)
         except KafkaAccessError as exc:
-            log.critical("refusing to start: %s", exc.line)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os._exit(EXIT_KAFKA_ACCESS)
+            _refuse([exc.line], EXIT_KAFKA_ACCESS)
 
     async def _refuse_unsafe_topics(self) -> None:
         """Refuse to start, with one line per cause, on topics the pipeline cannot keep
         exactly-once on (see :func:`pipeline.admin.topic_problems`): a worker that
         restarted into the same problem would only crash-loop."""
-        from pipeline.admin import EXIT_CONFIG, topic_problems
+        from pipeline.admin import topic_problems
 
         changelogs = [t.changelog_topic.get_topic_name() for t in self.tables.values()]
         problems = await topic_problems(
@@ -166,11 +159,7 @@ class PipelineApp(EngineApp):
             orders=self.order_topics,
         )
         if problems:
-            for line in problems:
-                log.critical("refusing to start: %s", line)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os._exit(EXIT_CONFIG)
+            _refuse(problems, EXIT_CONFIG)
 
     declared_topics: list[Any]
     #: topics declared with a configuration of their own (pipeline.api), by name
@@ -184,6 +173,16 @@ class PipelineApp(EngineApp):
     order_topics: bool
     rebalance_started: float | None
     recoveries: Histogram
+
+
+def _refuse(lines: list[str], status: int) -> NoReturn:
+    """End a worker that must not start, one log line per cause: a restart into the same
+    configuration would only crash-loop, so no exception for Faust to log and retry."""
+    for line in lines:
+        log.critical("refusing to start: %s", line)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(status)
 
 
 def _topic_config(topic: Any) -> dict[str, str]:

@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -311,11 +312,12 @@ class Settings(BaseSettings):
             part.split("://", 1)[-1] for part in self.broker.replace(";", ",").split(",")
         )
 
-    @property
+    @cached_property
     def kafka(self) -> KafkaConnection:
         """How every Kafka client of this process connects: give each
-        ``**settings.kafka.kwargs()`` (see :mod:`pipeline.connection`). Made anew at each
-        call (a new TLS context); take it once per client, not per request."""
+        ``**settings.kafka.kwargs()`` (see :mod:`pipeline.connection`). Made once per
+        settings object: its TLS context (files read, keys loaded) is shared by every
+        client, as one context may be."""
         from pipeline.connection import KafkaConnection
 
         return KafkaConnection.from_settings(self)

@@ -289,17 +289,10 @@ class Declared:
     def load(self, env: dict[str, str]) -> Any:
         """The pipeline, imported with the run's settings (its app id and topic prefix),
         which a :class:`pipeline.api.Pipeline` reads from the environment as it is made."""
-        import importlib
-
-        from pipeline.api import Pipeline
+        from pipeline.api import load
 
         os.environ.update(env)
-        module_name, _, attribute = self.target.partition(":")
-        sys.path.insert(0, os.getcwd())
-        pipe = getattr(importlib.import_module(module_name), attribute or "pipe", None)
-        if not isinstance(pipe, Pipeline):
-            raise SystemExit(f"{self.target}: not a pipeline.api.Pipeline")
-        return pipe
+        return load(self.target)
 
 
 class Run:
