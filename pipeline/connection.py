@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,6 +447,42 @@ async def _attempt(conn: KafkaConnection, host: str, port: int, seconds: float) 
             broker.close()
 
 
+async def _listener_speaks(host: str, port: int, seconds: float) -> str | None:
+    """What a listener answers, tried both ways: ``"plaintext Kafka"`` when it answers an
+    ApiVersions request in the clear, ``"TLS"`` when it answers a TLS handshake (even
+    with an alert: a listener that wants a client certificate), None when it answers
+    neither (nothing behind it)."""
+    client = b"pipeline-preflight"
+    body = struct.pack(">hhih", 18, 0, 0x5EED, len(client)) + client
+    try:
+        async with asyncio.timeout(seconds):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(struct.pack(">i", len(body)) + body)
+                await writer.drain()
+                head = await reader.readexactly(8)
+                if struct.unpack(">ii", head)[1] == 0x5EED:
+                    return "plaintext Kafka"
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        pass
+    # Whether it speaks TLS, not whom to trust: no verification here, no data sent.
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(seconds):
+            _, writer = await asyncio.open_connection(host, port, ssl=probe)
+            writer.close()
+            return "TLS"
+    except ssl.SSLError as exc:
+        # An alert is an answer in TLS; an end of the stream is none.
+        return None if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) else "TLS"
+    except (OSError, TimeoutError):
+        return None
+
+
 async def check_connection(
     conn: KafkaConnection, timeout: float = PREFLIGHT_TIMEOUT_S
 ) -> str | None:
@@ -461,6 +498,8 @@ async def check_connection(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     closed: dict[str, int] = {}
+    #: brokers found to answer nothing at all, and the line that says so
+    silent: dict[str, str] = {}
     why = "no bootstrap server"
     while True:
         for host, port in conn.hosts:
@@ -474,21 +513,34 @@ async def check_connection(
                 line = diagnose(exc, conn, where)
                 if line is not None:
                     raise KafkaAccessError(line) from None
-                if _closed_early(exc):
+                why = f"{where}: {type(exc).__name__}: {exc}" if str(exc) else where
+                if _closed_early(exc) and where in silent:
+                    why = silent[where]
+                elif _closed_early(exc):
                     closed[where] = closed.get(where, 0) + 1
                     if closed[where] >= _CLOSED_EARLY_LIMIT:
+                        # A listener of another protocol hangs up like this, and so does
+                        # a proxy or load balancer whose broker is down (it accepts, then
+                        # has nowhere to forward). Only the first is a configuration error.
+                        speaks = await _listener_speaks(host, port, min(2.0, max(left, 0.1)))
+                        if speaks is None:
+                            why = silent[where] = (
+                                f"{where} closes every connection before answering, in any "
+                                "protocol (a proxy or load balancer whose broker is down?)"
+                            )
+                            log.debug("preflight: %s", why)
+                            continue
                         raise KafkaAccessError(
                             f"kafka: the broker at {where} closed the connection before "
-                            f"answering, {closed[where]} times: does PIPELINE_KAFKA_"
-                            f"SECURITY_PROTOCOL={conn.security_protocol} match its "
-                            "listener?"
+                            f"answering, {closed[where]} times, and it answers {speaks}: does "
+                            f"PIPELINE_KAFKA_SECURITY_PROTOCOL={conn.security_protocol} match "
+                            "its listener?"
                         ) from None
-                why = f"{where}: {type(exc).__name__}: {exc}" if str(exc) else where
                 log.debug("preflight: %s", why)
                 continue
             return None
-        if not closed:
-            # Every broker refused or timed out: down, or not there yet.
+        if not closed or all(f"{h}:{p}" in silent for h, p in conn.hosts):
+            # Every broker refused, timed out or answers nothing: down, or not there yet.
             return why
         await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
 

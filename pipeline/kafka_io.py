@@ -111,12 +111,17 @@ async def end_offsets(
 
 
 async def read_topic(
-    kafka: KafkaConnection | str, topic: str, *, until: dict[int, int] | None = None
+    kafka: KafkaConnection | str,
+    topic: str,
+    *,
+    until: dict[int, int] | None = None,
+    committed: bool = True,
 ) -> AsyncIterator[Msg]:
-    """Every committed record of ``topic`` up to the end offsets taken at the start."""
+    """Every committed record of ``topic`` up to the end offsets taken at the start; with
+    ``committed=False``, every data record up to the high watermarks, aborted ones too."""
     consumer = AIOKafkaConsumer(
         **as_connection(kafka).kwargs(),
-        isolation_level="read_committed",
+        isolation_level="read_committed" if committed else "read_uncommitted",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         group_id=None,

@@ -54,7 +54,9 @@ from pipeline.admin import declare_topics, ensure_topics
 from pipeline.connection import security_env
 from pipeline.kafka_io import partitions_of
 from pipeline.settings import Settings
+from pipeline.tools import checker
 from pipeline.tools.generate import generate
+from pipeline.tools.netfault import DOWN, UP, Link, Proxies, listener_ready
 from pipeline.tools.procs import (
     ROOT,
     Worker,
@@ -71,7 +73,12 @@ STOP = "sigstop"
 BROKER = "broker-restart"
 SCALE_UP = "scale-up"
 SCALE_DOWN = "scale-down"
-KINDS = (KILL, KILL_REBALANCING, STOP, BROKER, SCALE_UP, SCALE_DOWN)
+PARTITION = "partition"
+DELAY = "delay-commit"
+RESET = "reset"
+KINDS = (KILL, KILL_REBALANCING, STOP, BROKER, SCALE_UP, SCALE_DOWN, PARTITION, DELAY, RESET)
+#: the faults a worker's proxy injects (pipeline.tools.netfault)
+NETWORK = (PARTITION, DELAY, RESET)
 
 
 @dataclass(frozen=True)
@@ -93,15 +100,24 @@ class Plan:
     stops: int
     broker_restarts: int
     scale_changes: int
+    #: network faults, through each worker's proxy (pipeline.tools.netfault)
+    partitions: int = 0
+    delays: int = 0
+    resets: int = 0
     #: the options naming a declared pipeline and its input, for the replay command
     target: str = ""
+
+    @property
+    def network(self) -> bool:
+        return bool(self.partitions or self.delays or self.resets)
 
     def replay_command(self) -> str:
         return (
             f"python -m pipeline chaos --seed {self.seed} --events {self.events} "
             f"--workers {self.workers} --duration {self.duration_s:g} --kills {self.kills} "
             f"--stops {self.stops} --broker-restarts {self.broker_restarts} "
-            f"--scale-changes {self.scale_changes}{self.target}"
+            f"--scale-changes {self.scale_changes} --partitions {self.partitions} "
+            f"--delays {self.delays} --resets {self.resets}{self.target}"
         )
 
 
@@ -118,6 +134,7 @@ def schedule(plan: Plan) -> list[Fault]:
     kinds += [KILL] * (plan.kills - rebalancing_kills)
     kinds += [STOP] * plan.stops + [BROKER] * plan.broker_restarts
     kinds += [SCALE_UP if i % 2 == 0 else SCALE_DOWN for i in range(plan.scale_changes)]
+    kinds += [PARTITION] * plan.partitions + [DELAY] * plan.delays + [RESET] * plan.resets
     rng.shuffle(kinds)
     span = plan.duration_s * 0.8
     start = min(5.0, plan.duration_s * 0.1)
@@ -140,7 +157,9 @@ class DuplicateWatch:
 
     The identity of a record is the one ``reconcile`` uses: the ``event_id`` on
     ``orders.unique`` and ``orders.changes`` and ``orders.rejected``, the ``coupon_id``
-    on ``coupons.issued``, and the input record's position on ``orders.dlq``.
+    on ``coupons.issued``, the input record's position on ``orders.dlq``, and the
+    ``event_id`` on the balance deltas (one per event that moves a balance). It keeps
+    what it read, in order, for the history checker (:mod:`pipeline.tools.checker`).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -150,10 +169,13 @@ class DuplicateWatch:
             settings.topic_rejected: ("event_id",),
             settings.topic_coupons: ("coupon_id",),
             settings.topic_dlq: ("topic", "partition", "offset"),
+            settings.deltas_topic: ("event_id",),
         }
         self.seen: dict[str, set[tuple[Any, ...]]] = {t: set() for t in self.fields}
         self.duplicates: list[tuple[str, tuple[Any, ...]]] = []
         self.unreadable: list[tuple[str, int, int]] = []
+        #: every record returned, in order, for the history checker
+        self.live: list[checker.Seen] = []
 
     @property
     def topics(self) -> list[str]:
@@ -161,6 +183,7 @@ class DuplicateWatch:
 
     def add(self, topic: str, partition: int, offset: int, value: bytes | None) -> bool:
         """Record one output record; True when its id was seen before."""
+        self.live.append(checker.Seen(topic, partition, offset, checker.fingerprint(value)))
         try:
             doc = orjson.loads(value or b"")
             ident = tuple(doc[f] for f in self.fields[topic])
@@ -204,6 +227,10 @@ class ChaosResult:
     zombies: list[str] = field(default_factory=list)
     #: whether the live duplicate watch ran (the order pipeline's ids only)
     watched: bool = True
+    #: what became of each partitioned worker's input partitions
+    partitioned: list[str] = field(default_factory=list)
+    #: the history checker's verdict (the order pipeline only)
+    history: checker.Verdict | None = None
 
     @property
     def skipped(self) -> list[Injected]:
@@ -219,6 +246,7 @@ class ChaosResult:
             and not self.watch_duplicates
             and self.report is not None
             and self.report.ok
+            and (self.history is None or self.history.ok)
         )
 
     def summary(self) -> str:
@@ -249,10 +277,13 @@ class ChaosResult:
         else:
             lines.append("live duplicate watch: none (a declared pipeline); reconcile below")
         lines += [f"zombie: {z}" for z in self.zombies]
+        lines += [f"partitioned: {z}" for z in self.partitioned]
         if self.exits:
             lines.append(f"workers that exited by themselves: {', '.join(self.exits)}")
         if not self.drained:
             lines.append("the pipeline did NOT drain: some input was never committed")
+        if self.history is not None:
+            lines.append(self.history.render())
         if self.report is not None:
             lines.append(self.report.render())
         lines.append(f"chaos verdict: {'PASS' if self.ok else 'FAIL'}")
@@ -359,6 +390,11 @@ class Run:
         self.produce_from = 0.0
         self.watch = DuplicateWatch(self.settings)
         self.produced = 0
+        #: input records the producer had acknowledged, by position, for the checker
+        self.accepted: dict[tuple[int, int], tuple[bytes | None, bytes | None]] = {}
+        #: one fault proxy per worker slot, when the plan has network faults
+        self.proxies: Proxies | None = None
+        self.partitioned: list[str] = []
         self.t0 = time.monotonic()
         self.background: set[asyncio.Task[None]] = set()
 
@@ -367,9 +403,38 @@ class Run:
 
     # -- workers -------------------------------------------------------------------
 
+    async def start_proxies(self, base: Settings) -> None:
+        """A proxy per worker slot, in front of the broker's FAULTi listeners
+        (``scripts/kafka``); refuses to start without them."""
+        host, port = broker_address(base.broker)
+        first = int(os.environ.get("KAFKA_PROXY_BASE", port + 200))
+        slots = int(os.environ.get("KAFKA_PROXY_SLOTS", 8))
+        if not await listener_ready(host, first):
+            raise NoProxyListeners(
+                f"network faults need the broker's proxy listeners on {host}:{first}.. "
+                f"(scripts/kafka start has {slots}; KAFKA_PROXY_BASE moves them); none answers. "
+                "Run with --partitions 0 --delays 0 --resets 0 for a broker without them."
+            )
+        self.proxies = Proxies(first, slots, host)
+        for slot in range(slots):
+            await self.proxies.link(slot)
+
+    def link_of(self, w: Worker) -> Link | None:
+        if self.proxies is None:
+            return None
+        return self.proxies.links.get(self.workers.index(w))
+
     def new_worker(self) -> Worker:
         name = f"w{len(self.workers)}"
         env = dict(self.env, PIPELINE_DATADIR=str(self.workdir / name))
+        link = self.proxies.links.get(len(self.workers)) if self.proxies is not None else None
+        if link is not None:
+            # All of this worker's traffic through its own proxy: the broker's metadata
+            # sends it back to the proxy's address (scripts/kafka, FAULTi listeners).
+            scheme = "kafka://" if env["PIPELINE_BROKER"].startswith("kafka://") else ""
+            env["PIPELINE_BROKER"] = f"{scheme}{link.address}"
+        elif self.proxies is not None:
+            self.say(f"{name}: no proxy slot left; it reaches the broker directly")
         app = self.declared.module if self.declared is not None else "pipeline.app"
         w = Worker(env, self.workdir / f"{name}.log", name=name, app=app)
         self.workers.append(w)
@@ -417,6 +482,12 @@ class Run:
             return await self.freeze()
         if fault.kind == BROKER:
             return await self.restart_broker()
+        if fault.kind == PARTITION:
+            return await self.partition()
+        if fault.kind == DELAY:
+            return await self.delay_commit()
+        if fault.kind == RESET:
+            return await self.reset()
         if fault.kind == SCALE_UP:
             back = [w for w in self.workers if w.name in self.retired and not w.alive]
             if back:
@@ -494,18 +565,8 @@ class Run:
         alive = await self.wait_running(2)
         if len(alive) < 2:
             return "skipped: a zombie needs another worker to take over"
-        # A zombie is a worker frozen while it owns partitions: pick among those that do
-        # (during a rebalance a worker may briefly own none).
-        holding: list[tuple[Worker, set[int]]] = []
-        deadline = time.monotonic() + 15
-        while not holding and time.monotonic() < deadline:
-            for w in self.running():
-                parts = self.owned(await asyncio.to_thread(w.stats))
-                if parts:
-                    holding.append((w, parts))
-            if not holding:
-                await asyncio.sleep(0.5)
-        victim, held = self.picks.choice(holding) if holding else (self.picks.choice(alive), set())
+        # A zombie is a worker frozen while it owns partitions.
+        victim, held = await self.holder(alive)
         seconds = self.settings.session_timeout_s + 4
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGSTOP)
@@ -516,6 +577,88 @@ class Run:
             f"SIGSTOP {victim.name} for {seconds:g} s or more (session timeout {timeout:g} s), "
             f"holding input partitions {sorted(held)}"
         )
+
+    async def holder(self, alive: list[Worker]) -> tuple[Worker, set[int]]:
+        """A running worker that owns input partitions, and those partitions (during a
+        rebalance a worker may briefly own none); any of ``alive`` after 15 s."""
+        holding: list[tuple[Worker, set[int]]] = []
+        deadline = time.monotonic() + 15
+        while not holding and time.monotonic() < deadline:
+            for w in self.running():
+                parts = self.owned(await asyncio.to_thread(w.stats))
+                if parts:
+                    holding.append((w, parts))
+            if not holding:
+                await asyncio.sleep(0.5)
+        return self.picks.choice(holding) if holding else (self.picks.choice(alive), set())
+
+    # -- network faults (pipeline.tools.netfault) ---------------------------------
+
+    def proxied(self) -> list[Worker]:
+        return [w for w in self.running() if self.link_of(w) is not None]
+
+    async def partition(self) -> str:
+        alive = await self.wait_running(2)
+        if len(alive) < 2:
+            return "skipped: a partition needs another worker to take over"
+        victim, held = await self.holder([w for w in alive if self.link_of(w)] or alive)
+        link = self.link_of(victim)
+        if link is None:
+            return f"skipped: {victim.name} has no proxy"
+        # Longer than the session timeout: the group moves its partitions while the
+        # process runs on, retrying; after the heal its held requests reach the broker.
+        seconds = round(self.settings.session_timeout_s + self.picks.uniform(2.0, 8.0), 1)
+        cut = asyncio.ensure_future(link.partition(seconds))
+        self.spawn(self.heal(victim, cut, held))
+        return (
+            f"partition {victim.name} from the broker for {seconds:g} s (session timeout "
+            f"{self.settings.session_timeout_s:g} s), holding input partitions {sorted(held)}"
+        )
+
+    async def heal(self, victim: Worker, cut: asyncio.Future[str], held: set[int]) -> None:
+        taken: set[int] = set()
+        while not cut.done():
+            await asyncio.sleep(1)
+            for w in self.running():
+                if w is not victim:
+                    taken |= self.owned(await asyncio.to_thread(w.stats))
+        note = cut.result()
+        if held and held <= taken:
+            verdict = "taken over by the others while it was cut off"
+        elif held:
+            verdict = f"NOT seen taken over: {sorted(held - taken)}"
+        else:
+            verdict = "it held no input partition when cut off"
+        self.partitioned.append(f"{victim.name}: {sorted(held)} {verdict}; {note}")
+        self.say(f"t+{self.elapsed():.1f}s healed {victim.name}: {verdict}; {note}")
+
+    async def delay_commit(self) -> str:
+        alive = await self.wait_running(1)
+        proxied = [w for w in alive if self.link_of(w) is not None]
+        if not proxied:
+            return "skipped: no worker behind a proxy"
+        victim, _ = await self.holder(proxied)
+        link = self.link_of(victim)
+        assert link is not None
+        direction = self.picks.choice([UP, DOWN])
+        seconds = round(self.picks.uniform(2.0, 10.0), 1)
+        note = await link.delay_commit(direction, seconds, within=10.0)
+        return f"{victim.name}: {note}"
+
+    async def reset(self) -> str:
+        await self.wait_running(1)
+        # A worker with connections to cut (one just restarted may have none yet).
+        deadline = time.monotonic() + 15
+        while True:
+            links = [(w, self.link_of(w)) for w in self.running()]
+            connected = [(w, link) for w, link in links if link is not None and link.conns]
+            if connected or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        if not connected:
+            return "skipped: no worker connected through a proxy"
+        victim, link = self.picks.choice(connected)
+        return f"{victim.name}: {await link.reset(within=3.0)}"
 
     def owned(self, stats: dict[str, Any] | None) -> set[int]:
         """The input partitions a worker's /stats says it processes."""
@@ -598,8 +741,9 @@ class Run:
                         await producer.send(self.input_topic, value, key=key)
                         for key, value in chunk
                     ]
-                    for fut in futures:
-                        await fut
+                    for (key, value), fut in zip(chunk, futures, strict=True):
+                        md = await fut
+                        self.accepted[(md.partition, md.offset)] = (key, value)
                     i += len(chunk)
                     self.produced = i
                     ahead = i / rate - (self.elapsed() - self.produce_from)
@@ -720,6 +864,8 @@ async def _run(
             await ensure_topics(run.kafka, [name], s.partitions, s.replication, config=config)
         records = declared.records(plan.seed)
         result.distinct_ids = len(set(declared.values))
+    if plan.network:
+        await run.start_proxies(base)
     for _ in range(plan.workers):
         run.new_worker()
     stop_watch = asyncio.Event()
@@ -753,6 +899,9 @@ async def _run(
         result.drained = await _wait_drained(run, drain_timeout)
         stop_watch.set()
         await watch
+        # Every partition healed: the workers' late requests have reached the broker.
+        while run.background:
+            await asyncio.gather(*list(run.background))
     finally:
         ticker.cancel()
         supervisor.cancel()
@@ -764,11 +913,26 @@ async def _run(
             stop_watch.set()
             watch.cancel()
         producing.cancel()
+        if run.proxies is not None:
+            await run.proxies.close()
     result.watch_duplicates = list(run.watch.duplicates)
     result.watch_counts = {t: run.watch.count(t) for t in run.watch.topics}
     result.exits = list(run.exits)
     result.zombies = list(run.zombies)
+    result.partitioned = list(run.partitioned)
     if declared is None:
+        topics = checker.Topics(
+            raw=s.topic_raw,
+            unique=s.topic_unique,
+            dlq=s.topic_dlq,
+            changes=s.topic_changes,
+            rejected=s.topic_rejected,
+            coupons=s.topic_coupons,
+            deltas=s.deltas_topic,
+        )
+        history = await checker.collect(run.kafka, topics, run.accepted, run.watch.live)
+        result.history = checker.check(history)
+        del history
         result.report = await reconcile(s)
     else:
         from pipeline.tools.reconcile_api import reconcile_pipeline
@@ -848,6 +1012,25 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--scale-changes", type=int, default=2, help="worker count +1/-1 (2)")
     p.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="cut a worker off the broker, both ways, past the session timeout, then heal (1)",
+    )
+    p.add_argument(
+        "--delays",
+        type=int,
+        default=1,
+        help="hold a worker's commit (EndTxn) or its answer for 2-10 s (1)",
+    )
+    p.add_argument(
+        "--resets",
+        type=int,
+        default=1,
+        help="reset a worker's connections in the middle of requests (1); network faults "
+        "need the local broker's proxy listeners (scripts/kafka)",
+    )
+    p.add_argument(
         "--faults",
         type=int,
         default=None,
@@ -879,17 +1062,34 @@ def add_parser(sub: Any) -> None:
 def plan_from(args: argparse.Namespace) -> Plan:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     kills, stops, brokers, scales = args.kills, args.stops, args.broker_restarts, args.scale_changes
+    net = {"partitions": args.partitions, "delays": args.delays, "resets": args.resets}
     if args.faults is not None:
         rng = random.Random(seed ^ 0x5EED)
         weights = {"kills": 6, "stops": 1, "brokers": 1 if brokers else 0, "scales": 2}
+        # A kind asked to be 0 stays 0: a total never brings it back.
+        weights |= {kind: 2 if n else 0 for kind, n in net.items()}
         drawn = rng.choices(list(weights), weights=list(weights.values()), k=args.faults)
         kills, stops = drawn.count("kills"), drawn.count("stops")
         brokers, scales = drawn.count("brokers"), drawn.count("scales")
-    return Plan(seed, args.events, args.workers, args.duration, kills, stops, brokers, scales)
+        net = {kind: drawn.count(kind) for kind in net}
+    return Plan(
+        seed, args.events, args.workers, args.duration, kills, stops, brokers, scales, **net
+    )
 
 
 class BrokerDidNotReturn(RuntimeError):
     """A broker restart fault could not bring the broker back: the run has no verdict."""
+
+
+class NoProxyListeners(RuntimeError):
+    """Network faults were asked for, and the broker has no listener for the proxies."""
+
+
+def broker_address(broker: str) -> tuple[str, int]:
+    """The first host and port of a broker setting (``kafka://host:port;...``)."""
+    first = broker.split("://", 1)[-1].split(";")[0].split(",")[0]
+    host, _, port = first.rpartition(":")
+    return host or "127.0.0.1", int(port)
 
 
 #: Exit status of a run that ended without a verdict (1 is a failed verdict).
@@ -932,7 +1132,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 declared=declared,
             )
         )
-    except BrokerDidNotReturn as exc:
+    except (BrokerDidNotReturn, NoProxyListeners) as exc:
         print(f"chaos run aborted, no verdict: {exc}", file=sys.stderr)
         print(f"replay: {plan.replay_command()}", file=sys.stderr)
         return EXIT_NO_VERDICT
@@ -948,6 +1148,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             ],
             "produced": result.produced,
             "zombies": result.zombies,
+            "partitioned": result.partitioned,
+            "history": result.history.as_dict() if result.history else None,
             "exits": result.exits,
             "watch_duplicates": [[t, list(i)] for t, i in result.watch_duplicates],
             "reconcile": result.report.as_dict() if result.report else None,

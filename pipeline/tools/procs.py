@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,6 +23,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(*offsets: int) -> int:
+    """A port P with P + each offset free too (a broker and the fault proxies' listeners
+    at fixed distances from it), free when asked, as free_port's answer is.
+
+    Below the kernel's ephemeral range: a broker restarted on a port of that range can
+    find it taken by a client socket's local end, and a client that connects to such a
+    port while nothing listens can be given it as its own local port and connect to
+    itself (a proxy retrying its upstream while the broker is down did, in a chaos run);
+    either way the broker cannot bind it again."""
+    low = _ephemeral_low()
+    top = max(low - 1 - max(offsets, default=0), 10_001)
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10_000, top)
+        socks = []
+        try:
+            for off in offsets:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + off))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError(f"no free port with {offsets} free beside it")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def settings_from(env: dict[str, str]) -> Settings:

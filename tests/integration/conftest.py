@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.admin import declare_topics, drop_topics
 from pipeline.settings import Settings
-from pipeline.tools.procs import ROOT, free_port
+from pipeline.tools.procs import ROOT, free_ports
 
 from .harness import Worker, broker_url, settings_from, unique_env
 
@@ -82,7 +82,9 @@ def make_worker(env: dict[str, str], tmp_path: Path) -> Iterator[object]:
 def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A broker of the test's own (scripts/kafka with its own port and state
     directory), for tests that restart it: the other tests' broker must not go away."""
-    port, controller = free_port(), free_port()
+    # scripts/kafka's proxy listeners sit at port+200+i, advertised at port+300+i.
+    port = free_ports(0, 1, *range(200, 208), *range(300, 308))
+    controller = port + 1
     env = {
         "KAFKA_PORT": str(port),
         "KAFKA_CONTROLLER_PORT": str(controller),

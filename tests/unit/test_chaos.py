@@ -13,8 +13,11 @@ from hypothesis import strategies as st
 from pipeline.settings import Settings
 from pipeline.tools.chaos import (
     BROKER,
+    DELAY,
     KILL,
     KILL_REBALANCING,
+    PARTITION,
+    RESET,
     SCALE_DOWN,
     SCALE_UP,
     STOP,
@@ -68,6 +71,9 @@ plans = st.builds(
     stops=st.integers(0, 5),
     broker_restarts=st.integers(0, 5),
     scale_changes=st.integers(0, 6),
+    partitions=st.integers(0, 5),
+    delays=st.integers(0, 5),
+    resets=st.integers(0, 5),
 )
 
 
@@ -80,6 +86,9 @@ def test_schedule_properties(plan: Plan) -> None:
     assert kinds.get(STOP, 0) == plan.stops
     assert kinds.get(BROKER, 0) == plan.broker_restarts
     assert kinds.get(SCALE_UP, 0) + kinds.get(SCALE_DOWN, 0) == plan.scale_changes
+    assert kinds.get(PARTITION, 0) == plan.partitions
+    assert kinds.get(DELAY, 0) == plan.delays
+    assert kinds.get(RESET, 0) == plan.resets
     # Scaling alternates up and down, so the group ends near its planned size.
     assert 0 <= kinds.get(SCALE_UP, 0) - kinds.get(SCALE_DOWN, 0) <= 1
     assert [f.at_s for f in faults] == sorted(f.at_s for f in faults)
@@ -101,6 +110,9 @@ def _args(**over: object) -> argparse.Namespace:
         stops=1,
         broker_restarts=1,
         scale_changes=2,
+        partitions=1,
+        delays=1,
+        resets=1,
         faults=None,
         pipeline=None,
         input=None,
@@ -111,12 +123,17 @@ def _args(**over: object) -> argparse.Namespace:
 
 
 def test_plan_from_counts_and_total() -> None:
-    assert plan_from(_args()) == Plan(7, 100, 3, 60.0, 6, 1, 1, 2)
+    assert plan_from(_args()) == Plan(7, 100, 3, 60.0, 6, 1, 1, 2, 1, 1, 1)
     total = plan_from(_args(faults=30))
-    assert total.kills + total.stops + total.broker_restarts + total.scale_changes == 30
+    process = total.kills + total.stops + total.broker_restarts + total.scale_changes
+    network = total.partitions + total.delays + total.resets
+    assert process + network == 30
+    assert network > 0 and total.network
     assert plan_from(_args(faults=30)) == total
-    # No broker faults asked for: a total never brings them back.
+    # No broker faults asked for: a total never brings them back; nor network faults.
     assert plan_from(_args(faults=30, broker_restarts=0)).broker_restarts == 0
+    quiet = plan_from(_args(faults=30, partitions=0, delays=0, resets=0))
+    assert quiet.partitions == quiet.delays == quiet.resets == 0 and not quiet.network
 
 
 def test_plan_without_seed_draws_one_and_prints_it() -> None:
@@ -131,8 +148,9 @@ def test_replay_command_reproduces_the_plan() -> None:
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
-    argv = shlex.split(PLAN.replay_command())[3:]  # after "python -m pipeline"
-    assert plan_from(parser.parse_args(argv)) == PLAN
+    for plan in (PLAN, Plan(**{**PLAN.__dict__, "partitions": 3, "delays": 2, "resets": 1})):
+        argv = shlex.split(plan.replay_command())[3:]  # after "python -m pipeline"
+        assert plan_from(parser.parse_args(argv)) == plan
 
 
 def test_a_broker_that_does_not_come_back_ends_the_run_without_a_verdict(
@@ -220,3 +238,26 @@ def test_chaos_on_a_declared_pipeline_needs_its_input(tmp_path: Path) -> None:
     found = declared_from(_args(pipeline="m:pipe", input=str(two)))
     assert found is not None and found.values == [b'{"a": 1}', b'{"a": 2}']
     assert found.module == "m" and declared_from(_args()) is None
+
+
+def test_the_broker_address_of_a_setting() -> None:
+    from pipeline.tools.chaos import broker_address
+
+    assert broker_address("kafka://127.0.0.1:9092") == ("127.0.0.1", 9092)
+    assert broker_address("127.0.0.1:9492;127.0.0.1:9592") == ("127.0.0.1", 9492)
+    assert broker_address("localhost:19092,other:1") == ("localhost", 19092)
+
+
+def test_the_watch_keeps_what_it_read_in_order_for_the_checker() -> None:
+    from pipeline.tools.checker import fingerprint
+
+    s = Settings()
+    watch = DuplicateWatch(s)
+    watch.add(s.deltas_topic, 0, 5, orjson.dumps({"event_id": "e1"}))
+    watch.add(s.topic_changes, 1, 2, b"not json")
+    assert [(x.topic, x.partition, x.offset) for x in watch.live] == [
+        (s.deltas_topic, 0, 5),
+        (s.topic_changes, 1, 2),
+    ]
+    assert watch.live[1].digest == fingerprint(b"not json")
+    assert watch.add(s.deltas_topic, 0, 6, orjson.dumps({"event_id": "e1"}))  # a duplicate

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -306,11 +307,49 @@ async def test_a_broker_not_there_is_not_this_checks_business() -> None:
     assert loop.time() - started < 2
 
 
-async def test_a_listener_that_keeps_hanging_up_is_a_protocol_mismatch() -> None:
+async def test_a_listener_that_hangs_up_in_every_protocol_is_not_there_yet() -> None:
+    # What a proxy or load balancer whose broker is down does (chaos's fault proxy while
+    # the broker restarts): it accepts, then hangs up. Not a configuration error: the
+    # clients wait, as for a broker that is down.
     async for port in _server(_read_then_hang_up):
         conn = KafkaConnection.plaintext(f"127.0.0.1:{port}")
-        with pytest.raises(KafkaAccessError, match="closed the connection before answering"):
+        why = await check_connection(conn, timeout=4)
+        assert why is not None and "closes every connection before answering" in why
+
+
+async def test_a_plaintext_client_at_a_listener_that_hangs_up_on_it_and_speaks_tls(
+    pki: Pki,
+) -> None:
+    async for port in _server(_read_then_hang_up, _server_context(pki)):
+        conn = KafkaConnection.plaintext(f"127.0.0.1:{port}")
+        with pytest.raises(KafkaAccessError, match="and it answers TLS: does PIPELINE_KAFKA"):
             await check_connection(conn, timeout=10)
+
+
+async def _plaintext_kafka(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # Answers a request in the clear with its correlation id; hangs up on anything else
+    # (a TLS ClientHello read as a size is hundreds of megabytes).
+    try:
+        (size,) = struct.unpack(">i", await reader.readexactly(4))
+        if not 8 <= size < 1 << 20:
+            return
+        body = await reader.readexactly(size)
+        writer.write(struct.pack(">i", 4) + body[4:8])
+        await writer.drain()
+        await reader.read(1)
+    except (asyncio.IncompleteReadError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_a_tls_client_at_a_plaintext_listener_is_told_what_it_speaks(pki: Pki) -> None:
+    async for port in _server(_plaintext_kafka):
+        settings = Settings(
+            broker=f"127.0.0.1:{port}", kafka_security_protocol="SSL", kafka_ssl_cafile=pki.ca
+        )
+        with pytest.raises(KafkaAccessError, match="answers plaintext Kafka"):
+            await check_connection(settings.kafka, timeout=10)
 
 
 def _server_context(pki: Pki, *, client_cert: bool = False) -> ssl.SSLContext:
