@@ -110,6 +110,18 @@ async def end_offsets(
         await consumer.stop()
 
 
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        # aiokafka's stop re-raises the cancellation of its own group-coordinator task
+        # when a consumer is stopped right after it started (a topic with no partition to
+        # read); only a cancellation of this task is to be passed on.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 async def read_topic(
     kafka: KafkaConnection | str,
     topic: str,
@@ -155,7 +167,7 @@ async def read_topic(
                 if await consumer.position(tp) >= until[tp.partition]:
                     remaining.discard(tp)
     finally:
-        await consumer.stop()
+        await _stop(consumer)
 
 
 async def committed_offsets(

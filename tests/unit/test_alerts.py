@@ -69,6 +69,9 @@ def _exported(tmp_path: Path) -> set[str]:
             exported.update(name + s for s in suffixes.get(kind, []))
     textfile = tmp_path / "reconcile.prom"
     write_metrics(Report(), str(textfile))
+    from pipeline.tools.reconcile_db import DbReport, write_db_metrics
+
+    write_db_metrics(DbReport("sqlite://"), str(textfile), append=True)
     exported.update(
         line.split()[2] for line in textfile.read_text().splitlines() if line.startswith("# TYPE")
     )
