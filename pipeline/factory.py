@@ -233,6 +233,9 @@ def create_app(settings: Settings) -> PipelineApp:
         broker_heartbeat_interval=1.0,
         producer_acks=-1,
         producer_linger=0.005,
+        # Our transactional producers take it too (``_settings_default()``); see the
+        # setting for why not Faust's 20 minutes.
+        producer_request_timeout=settings.producer_request_timeout_s,
         # Faust's default (1,000,000 bytes) refused valid events of up to 1 MiB.
         producer_max_request_size=LARGE_MESSAGE_BYTES,
         # Records one poll of the consumer hands out. Faust's default (no limit) handed

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     expiry_every: int = Field(default=1000, ge=1)
     #: A worker that stops heartbeating loses its partitions after this long (seconds).
     session_timeout_s: float = Field(default=10.0, ge=6.0)
+    #: How long a producer request (a produce, a commit's EndTxn) may go unanswered
+    #: before the connection is dropped and the request's outcome is treated as unknown
+    #: (seconds). Faust's default, 1,200, let one connection whose answers were lost keep
+    #: every partition of a worker from committing for as long (a chaos fault showed it);
+    #: Kafka's own producers use 30. Below the transaction timeout (60 s), so the worker
+    #: learns before the broker aborts the transaction.
+    producer_request_timeout_s: float = Field(default=30.0, ge=5.0, le=55.0)
     web_port: int = 6066
     #: The address the web server binds to. Loopback by default: the views serve
     #: business data. ``0.0.0.0`` (every interface) is for a container.

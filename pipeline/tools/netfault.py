@@ -122,11 +122,14 @@ class _Conn:
     #: set by :meth:`Link.reset`: cut at the next request
     reset_armed: bool = False
     closed: bool = False
+    #: set when closed: ends a hold early (a link closing must not wait out a delay)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def abort(self) -> None:
         """Close both sides with a TCP reset, not an orderly FIN: what a broken path or
         a crashed middlebox leaves the peers with."""
         self.closed = True
+        self.ended.set()
         for w in (self.client, self.upstream):
             if w is None:
                 continue
@@ -303,7 +306,8 @@ class Link:
                                 )
                 wait = conn.hold[direction] - loop.time()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(conn.ended.wait(), wait)
                     await self._open.wait()
                 if conn.closed:
                     break

@@ -104,3 +104,20 @@ def test_the_consumer_refreshes_its_view_of_the_topics_within_seconds(tmp_path: 
     # minutes, failed the payments example's test in CI.
     app = create_app(Settings(app_id="t-factory", datadir=tmp_path))
     assert app.conf.consumer_metadata_max_age_ms == METADATA_MAX_AGE_MS <= 30_000
+
+
+async def test_a_producer_request_times_out_in_seconds_not_faust_s_twenty_minutes(
+    tmp_path: Path,
+) -> None:
+    # One connection whose answers were lost (a held EndTxn) kept a worker from committing
+    # for as long as this timeout: Faust's default was 1,200 s.
+    from pipeline.eos.faust.producer import TransactionalProducer
+
+    app = create_app(Settings(app_id="t-factory", datadir=tmp_path))
+    assert app.conf.producer_request_timeout == 30.0
+    app = create_app(Settings(app_id="t-factory", datadir=tmp_path, producer_request_timeout_s=12))
+    txn = TransactionalProducer.like_faust(app.producer, "t-factory-tid", 0.25)
+    assert txn.producer.client._request_timeout_ms == 12_000
+    await txn.producer.stop()
+    with pytest.raises(ValidationError):
+        Settings(producer_request_timeout_s=1200)  # past the transaction timeout
