@@ -52,6 +52,13 @@ def _declared(target: str) -> Any:
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.tools.reconcile import reconcile
 
+    if args.follow:
+        from pipeline.tools.reconcile_follow import main as follow_main
+
+        return follow_main(args, settings)
+    if args.state or args.rounds is not None:
+        print("reconcile --state and --rounds go with --follow", file=sys.stderr)
+        return 2
     if args.db_only and not args.db:
         print("reconcile --db-only needs --db URL", file=sys.stderr)
         return 2
@@ -263,6 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         metavar="N",
         help="differences listed per table (20; 0: all); all are counted",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="run beside a deployment: check what was appended since the last round, every"
+        " --interval seconds, with its progress checkpointed in --state",
+    )
+    p.add_argument(
+        "--interval", type=float, default=30.0, help="with --follow: seconds between rounds (30)"
+    )
+    p.add_argument(
+        "--state",
+        default=None,
+        metavar="DIR",
+        help="with --follow: where its state and checkpoint live"
+        " (default .reconcile-follow/<app id>)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, metavar="N", help="with --follow: stop after N rounds"
+    )
+    p.add_argument(
+        "--round-records",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="with --follow: records read per topic in one round at most, which bounds its"
+        " memory (50000: about 0.5 KB each)",
     )
     p.set_defaults(func=_reconcile)
 
