@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="partitions of every topic of the workload (8); several, comma-separated "
         "(8,64), run every system at each count in the same invocation, with ratios",
     )
+    from pipeline.tools.bench_recovery import add_arguments as recovery_arguments
+
+    recovery_arguments(p)
     p.set_defaults(func=_bench)
 
     from pipeline.tools import chaos

@@ -604,6 +604,10 @@ def _quix_python() -> str | None:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "recovery", False):
+        from pipeline.tools.bench_recovery import main as recovery
+
+        return recovery(args, settings)
     quick = bool(args.quick)
     count = 5_000 if quick else args.count
     runs = 1 if quick else args.runs
