@@ -12,6 +12,7 @@ The same seed gives the same records.
 from __future__ import annotations
 
 import random
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -121,6 +122,33 @@ def _bad(rng: random.Random, kind: str, n: int) -> tuple[bytes | None, bytes]:
     return key, orjson.dumps({"event_id": f"{oid}-x", "type": "OrderShipped", "order_id": oid})
 
 
+class _Sent:
+    """Every new event sent so far, any of which a later copy may repeat: one growing
+    buffer and an array of offsets, not two bytes objects per event. Interleaved with
+    the short-lived objects of producing, tens of millions of small long-lived objects
+    left the heap fragmented: ``produce --count 10000000`` grew past 22 GB (OOM-killed
+    at 7.6 M), where this holds about 200 bytes per event."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        #: per event: where its key starts, where its value starts (its key ends)
+        self._at = array("Q")
+
+    def __len__(self) -> int:
+        return len(self._at) // 2
+
+    def add(self, key: bytes, value: bytes) -> None:
+        self._at.append(len(self._data))
+        self._data += key
+        self._at.append(len(self._data))
+        self._data += value
+
+    def get(self, i: int) -> tuple[bytes, bytes]:
+        k, v = self._at[2 * i], self._at[2 * i + 1]
+        end = self._at[2 * i + 2] if 2 * i + 2 < len(self._at) else len(self._data)
+        return bytes(self._data[k:v]), bytes(self._data[v:end])
+
+
 def generate(
     count: int,
     *,
@@ -133,7 +161,7 @@ def generate(
 ) -> Iterator[Record]:
     """Yield exactly ``count`` records."""
     rng = random.Random(seed)
-    sent: list[tuple[bytes, bytes]] = []
+    sent = _Sent()
     # Several orders are in flight at once, so their events interleave as in real traffic.
     active: list[list[dict[str, object]]] = []
     orders = 0
@@ -150,7 +178,7 @@ def generate(
                 idx = len(sent) - 1 - rng.randrange(min(len(sent), 50))
             else:
                 idx = rng.randrange(len(sent))
-            key, value = sent[idx]
+            key, value = sent.get(idx)
             yield Record(key, value, "dup")
             continue
         while len(active) < 16:
@@ -165,5 +193,5 @@ def generate(
             active.pop(slot)
         key = str(doc["order_id"]).encode()
         value = orjson.dumps(doc)
-        sent.append((key, value))
+        sent.add(key, value)
         yield Record(key, value, "new")

@@ -146,3 +146,14 @@ def test_prefix_and_start_ms() -> None:
         assert doc["order_id"].startswith("zz")
         assert r.key == doc["order_id"].encode()
         assert doc["ts_ms"] == 1_000 + n
+
+
+def test_the_sent_events_buffer_gives_back_each_key_and_value() -> None:
+    from pipeline.tools.generate import _Sent
+
+    sent = _Sent()
+    pairs = [(b"o1", b'{"a":1}'), (b"", b"x"), (b"o3", b""), (b"o\x004", b"\xff" * 300)]
+    for k, v in pairs:
+        sent.add(k, v)
+    assert len(sent) == len(pairs)
+    assert [sent.get(i) for i in range(len(pairs))] == pairs
