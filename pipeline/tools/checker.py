@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -45,7 +44,7 @@ import orjson
 
 from pipeline.connection import KafkaConnection
 from pipeline.kafka_io import read_topic
-from pipeline.tools.reconcile import SRC_HEADER, Event, Machine, validate
+from pipeline.tools.reconcile import Event, Machine, src_of, validate
 
 LOST, DUPLICATE, ABORTED_READ, TORN, REORDER, UNEXPECTED = (
     "lost write",
@@ -152,17 +151,6 @@ def _doc(value: bytes | None) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def _src(headers: Iterable[tuple[str, bytes]]) -> tuple[int, int] | None:
-    for name, raw in headers:
-        if name == SRC_HEADER:
-            try:
-                p, o = raw.decode("ascii").split(":")
-                return int(p), int(o)
-            except ValueError:
-                return None
-    return None
 
 
 class _Causes:
@@ -290,7 +278,7 @@ def _forward_order(
     v: Verdict,
 ) -> None:
     """Keyed copies of one order from one input partition are forwarded in their order."""
-    src = _src(r.headers)
+    src = src_of(r.headers)
     if src is None or raw_keys.get(src) is None:
         return
     place = (event.order_id, src[0])

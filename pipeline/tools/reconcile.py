@@ -65,7 +65,7 @@ import time
 import weakref
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -632,16 +632,30 @@ class Sequences:
                 diff_order(check, order, want, got)
 
 
-def diff_order(check: TopicCheck, order: str, want: list[Item], got: list[Item]) -> None:
-    """One order's records differ from the expected ones: say how."""
+def diff_order(
+    check: TopicCheck,
+    order: str,
+    want: list[Item],
+    got: list[Item],
+    done: Collection[str] = (),
+) -> None:
+    """One order's records differ from the expected ones: say how. ``done``: identities
+    already matched earlier (``reconcile --follow``'s earlier rounds): another copy of
+    one is a duplicate, not an unexpected record."""
+    if want == got:
+        return
     wanted = Counter(i for i, _ in want)
     gotten = Counter(i for i, _ in got)
     found = False
     for ident in sorted(wanted.keys() | gotten.keys()):
         nw, ng = wanted[ident], gotten[ident]
         if nw == 0:
-            check.unexpected += ng
-            check.note(f"{order}: unexpected {_body(got, ident)}")
+            if ident in done:
+                check.duplicates += ng
+                check.note(f"{order}: {ident} again, after it was matched")
+            else:
+                check.unexpected += ng
+                check.note(f"{order}: unexpected {_body(got, ident)}")
             found = True
             continue
         if ng > nw:
@@ -808,12 +822,14 @@ class Record(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
-def _digest(value: bytes | None) -> bytes:
+def copy_digest(value: bytes | None) -> bytes:
     return hashlib.blake2b(value or b"", digest_size=16).digest()
 
 
-def _src(headers: Sequence[tuple[str, bytes]]) -> tuple[int, int] | None:
-    for name, raw in headers:
+def src_of(headers: Sequence[tuple[str, bytes]]) -> tuple[int, int] | None:
+    """Where a forward's source copy is on ``orders.raw``, by its ``pipeline.src`` header
+    (also read by the history checker and ``reconcile --follow``)."""
+    for name, raw in headers or ():
         if name == SRC_HEADER:
             try:
                 p, o = raw.decode("ascii").split(":")
@@ -1046,7 +1062,7 @@ class Reconciler:
                     o,
                     event.event_id,
                     m.timestamp,
-                    _digest(m.value),
+                    copy_digest(m.value),
                     m.key is not None,
                     event.order_id,
                 ),
@@ -1075,7 +1091,7 @@ class Reconciler:
                 f"{self.unique_topic}:{m.partition}:{m.offset}: event {event.event_id} keyed "
                 f"{_short(m.key)}, not by its order_id"
             )
-        src = _src(m.headers)
+        src = src_of(m.headers)
         if src is None:
             uc.unexpected += 1
             uc.note(
@@ -1086,7 +1102,7 @@ class Reconciler:
             rp, ro = src
             bucket = self._source_bucket(rp, ro) if self.buckets > 1 else 0
             self.by_event.pending[bucket].append(
-                (_FORWARD, rp, ro, _digest(m.value), m.timestamp, m.partition, m.offset)
+                (_FORWARD, rp, ro, copy_digest(m.value), m.timestamp, m.partition, m.offset)
             )
         if m.key is None or keyed_right:
             self.by_order.pending[hash(event.order_id) % self.buckets].append((_EVENT, *event))
@@ -1318,7 +1334,7 @@ class Reconciler:
                 got = json.loads(raw)
             except ValueError:
                 got = raw
-            if not _same(got, w):
+            if not same_json(got, w):
                 # For an order or a balance this is what a duplicate or a lost event
                 # leaves behind.
                 check.mismatched += 1
@@ -1406,14 +1422,14 @@ def _bucket_in_worker(bucket: int) -> _Part:
     return r._part()
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_json(a: Any, b: Any) -> bool:
     """Equal, and of the same JSON types (1, 1.0 and true are three different values)."""
     if type(a) is not type(b):
         return False
     if type(a) is dict:
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
     if type(a) is list:
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
 
 

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -75,10 +74,9 @@ import signal
 import struct
 import sys
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -92,10 +90,15 @@ from pipeline.tools.reconcile import (
     Event,
     Machine,
     OrderRow,
+    Record,
     Report,
     TopicCheck,
+    copy_digest,
     dedup_faults,
+    diff_order,
     dlq_problems,
+    same_json,
+    src_of,
     validate,
     write_metrics,
 )
@@ -105,21 +108,6 @@ KINDS = ("changes", "rejected", "coupons", "deltas")
 ROUND_RECORDS = 50_000
 _PART = struct.Struct(">I")
 _WHERE = struct.Struct(">IQ")
-
-
-class Record(Protocol):
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def timestamp(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 # -- the state on disk -------------------------------------------------------------------
@@ -233,84 +221,6 @@ def _canonical(key: bytes | None, doc: Any) -> bytes:
         + b"\x00"
         + orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     )
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal with the same JSON types, so 1, 1.0 and true differ."""
-    if type(a) is not type(b):
-        return False
-    if type(a) is dict:
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if type(a) is list:
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
-
-
-def _src(headers: Sequence[tuple[str, bytes]]) -> tuple[int, int] | None:
-    for name, raw in headers or ():
-        if name == SRC_HEADER:
-            try:
-                p, o = raw.decode("ascii").split(":")
-                return int(p), int(o)
-            except ValueError:
-                return None
-    return None
-
-
-def _digest(value: bytes | None) -> bytes:
-    return hashlib.blake2b(value or b"", digest_size=16).digest()
-
-
-def _judge_items(
-    check: TopicCheck,
-    order: str,
-    want: list[tuple[str, bytes]],
-    got: list[tuple[str, bytes]],
-    done: set[str],
-) -> None:
-    """A settled order's unmatched expected records against its unmatched actual ones.
-    ``done``: identities already matched in earlier rounds (another copy of one is a
-    duplicate, not an unexpected record)."""
-    wanted = Counter(i for i, _ in want)
-    gotten = Counter(i for i, _ in got)
-    found = False
-    for ident in sorted(wanted.keys() | gotten.keys()):
-        nw, ng = wanted[ident], gotten[ident]
-        if nw == 0:
-            if ident in done:
-                check.duplicates += ng
-                check.note(f"{order}: {ident} again, after it was matched")
-            else:
-                check.unexpected += ng
-                check.note(f"{order}: unexpected {_show(got, ident)}")
-            found = True
-            continue
-        if ng > nw:
-            check.duplicates += ng - nw
-            check.note(f"{order}: {ident} {ng}x, expected {nw}x")
-            found = True
-        elif ng < nw:
-            check.missing += nw - ng
-            check.note(f"{order}: missing {_show(want, ident)}")
-            found = True
-        if ng:
-            same = Counter(b for i, b in want if i == ident) & Counter(
-                b for i, b in got if i == ident
-            )
-            wrong = min(nw, ng) - sum(same.values())
-            if wrong > 0:
-                check.mismatched += wrong
-                check.note(f"{order}: {_show(got, ident)}, expected {_show(want, ident)}")
-                found = True
-    if not found and want != got:
-        check.out_of_order += 1
-        check.note(f"{order}: out of order: {[i for i, _ in got][:6]}")
-
-
-def _show(items: list[tuple[str, bytes]], ident: str) -> str:
-    body = next(b for i, b in items if i == ident)
-    key, _, doc = body.partition(b"\x00")
-    return f"key {key.decode(errors='replace')!r} {doc.decode(errors='replace')}"
 
 
 class _Expected:
@@ -475,14 +385,14 @@ class Follower:
         entry = self.state.get(key) or {"c": [], "f": [], "d": 0, "l": 0}
         # A copy: partition, offset, arrival, digest, rekeyed at (partition, offset) or
         # -1, and 0 while open, 1 once passed by the dedup stage, 2 once lost at the hop.
-        entry["c"].append([m.partition, m.offset, m.timestamp, _digest(m.value), -1, -1, 0])
+        entry["c"].append([m.partition, m.offset, m.timestamp, copy_digest(m.value), -1, -1, 0])
         self.state.put(key, entry)
         self._todo(_EVENT, event.event_id.encode())
 
     # -- <app>-raw-by-order: where the dedup stage reads each valid copy
     def on_by_order(self, m: Record) -> None:
         event = validate(m.value, None)
-        src = _src(m.headers)
+        src = src_of(m.headers)
         name = f"{self.by_order_topic}:{m.partition}:{m.offset}"
         if isinstance(event, str) or src is None:
             self.unique.unexpected += 1
@@ -517,7 +427,7 @@ class Follower:
         if not keyed_right:
             uc.mismatched += 1
             uc.note(f"{name}: event {event.event_id} keyed {m.key!r}, not by its order_id")
-        src = _src(m.headers)
+        src = src_of(m.headers)
         key = _EVENT + event.event_id.encode()
         entry = self.state.get(key)
         copy = _copy_at(entry, src) if src is not None else None
@@ -528,13 +438,13 @@ class Follower:
             uc.duplicates += 1
             uc.note(f"{name}: the copy at {self.raw_topic}:{src[0]}:{src[1]} forwarded again")
         else:
-            if copy[3] != _digest(m.value) or copy[2] != m.timestamp:
+            if copy[3] != copy_digest(m.value) or copy[2] != m.timestamp:
                 uc.mismatched += 1
                 uc.note(
                     f"{name}: not the copy at {self.raw_topic}:{src[0]}:{src[1]} "
                     + (
                         "(other bytes)"
-                        if copy[3] != _digest(m.value)
+                        if copy[3] != copy_digest(m.value)
                         else f"(timestamp {m.timestamp})"
                     )
                 )
@@ -709,7 +619,7 @@ class Follower:
             "version": version,
             "paid_orders": entry["paid"],
         }
-        if not _same(row, want):
+        if not same_json(row, want):
             check.mismatched += 1
             check.note(f"row {user}: {m.value!r:.300}, expected {want}")
         self.state.put(_USER + user.encode(), entry)
@@ -775,7 +685,7 @@ class Follower:
         for kind in KINDS:
             want, got = entry["want"][kind], entry["got"][kind]
             if want or got:
-                _judge_items(self.outputs[kind], order, want, got, entry["done"][kind])
+                diff_order(self.outputs[kind], order, want, got, entry["done"][kind])
                 entry["want"][kind], entry["got"][kind] = [], []
         if entry["table"]:
             self._judge_row(order, entry)
@@ -800,7 +710,7 @@ class Follower:
             got = json.loads(raw)
         except ValueError:
             got = raw
-        if not _same(got, want):
+        if not same_json(got, want):
             check.mismatched += 1
             check.note(f"row {order}: {raw[:300].decode(errors='replace')}, expected {want}")
 

@@ -3,7 +3,7 @@ fault, and tell them apart."""
 
 from __future__ import annotations
 
-from pipeline.tools.reconcile import Item, Sequences, TopicCheck, _same
+from pipeline.tools.reconcile import Item, Sequences, TopicCheck, same_json
 
 WANT = {"o1": [("e0", b"a"), ("e1", b"b"), ("e2", b"c")], "o2": [("e0", b"x")]}
 
@@ -81,8 +81,8 @@ def test_a_fault_after_a_matching_prefix_is_caught() -> None:
 
 
 def test_table_values_compare_with_their_json_types() -> None:
-    assert _same({"a": 1, "b": [1, "x"]}, {"a": 1, "b": [1, "x"]})
+    assert same_json({"a": 1, "b": [1, "x"]}, {"a": 1, "b": [1, "x"]})
     # A balance decoded as a float (as orjson does beyond 64 bits) is not the integer.
-    assert not _same({"balance_cents": 2.0**64}, {"balance_cents": 2**64})
-    assert not _same({"a": True}, {"a": 1})
-    assert not _same({"a": 1}, {"a": 1, "b": 2})
+    assert not same_json({"balance_cents": 2.0**64}, {"balance_cents": 2**64})
+    assert not same_json({"a": True}, {"a": 1})
+    assert not same_json({"a": 1}, {"a": 1, "b": 2})
