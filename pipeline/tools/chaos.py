@@ -608,21 +608,33 @@ class Run:
         # Longer than the session timeout: the group moves its partitions while the
         # process runs on, retrying; after the heal its held requests reach the broker.
         seconds = round(self.settings.session_timeout_s + self.picks.uniform(2.0, 8.0), 1)
-        cut = asyncio.ensure_future(link.partition(seconds))
-        self.spawn(self.heal(victim, cut, held))
+        self.spawn(self.heal(victim, link, seconds, held))
         return (
-            f"partition {victim.name} from the broker for {seconds:g} s (session timeout "
-            f"{self.settings.session_timeout_s:g} s), holding input partitions {sorted(held)}"
+            f"partition {victim.name} from the broker for {seconds:g} s or more (session "
+            f"timeout {self.settings.session_timeout_s:g} s), holding input partitions "
+            f"{sorted(held)}"
         )
 
-    async def heal(self, victim: Worker, cut: asyncio.Future[str], held: set[int]) -> None:
+    async def heal(self, victim: Worker, link: Link, seconds: float, held: set[int]) -> None:
+        # As for a zombie (thaw): cut off at least ``seconds``, and on until the others
+        # are seen owning its partitions (other faults may keep the group rebalancing),
+        # up to four times as long; so that the partitioned worker's late requests meet
+        # new owners, whatever the timing.
+        connections = link.cut()
         taken: set[int] = set()
-        while not cut.done():
-            await asyncio.sleep(1)
-            for w in self.running():
-                if w is not victim:
-                    taken |= self.owned(await asyncio.to_thread(w.stats))
-        note = cut.result()
+        start = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(1)
+                for w in self.running():
+                    if w is not victim:
+                        taken |= self.owned(await asyncio.to_thread(w.stats))
+                cut = time.monotonic() - start
+                if cut >= seconds and (held <= taken or cut >= seconds * 4):
+                    break
+        finally:
+            link.heal()
+        note = f"{connections} connections held both ways for {cut:.0f} s, then healed"
         if held and held <= taken:
             verdict = "taken over by the others while it was cut off"
         elif held:

@@ -180,13 +180,20 @@ class Link:
 
     async def partition(self, seconds: float) -> str:
         """Blackhole the worker's traffic both ways for ``seconds``, then heal."""
-        self._open.clear()
-        held = len(self.conns)
+        held = self.cut()
         try:
             await asyncio.sleep(seconds)
         finally:
-            self._open.set()
+            self.heal()
         return f"{held} connections held both ways for {seconds:g} s, then healed"
+
+    def cut(self) -> int:
+        """Start a partition (see :meth:`partition`); the connections it holds."""
+        self._open.clear()
+        return len(self.conns)
+
+    def heal(self) -> None:
+        self._open.set()
 
     async def delay_commit(self, direction: str, seconds: float, within: float) -> str:
         """Hold the connection of the next ``EndTxn`` in ``direction`` for ``seconds``;

@@ -189,7 +189,8 @@ async def test_chaos_drives_the_payments_example_then_reconciles_it(
         sys.executable, "-m", "pipeline", "chaos", "--json", "--seed", "14",
         "--pipeline", "examples.payments.app", "--input", str(tmp_path / "notices.jsonl"),
         "--workers", "2", "--duration", "40", "--kills", "1", "--stops", "1",
-        "--broker-restarts", "1", "--scale-changes", "0", "--workdir", str(tmp_path / "run"),
+        "--broker-restarts", "1", "--scale-changes", "0", "--partitions", "0",
+        "--delays", "0", "--resets", "0", "--workdir", str(tmp_path / "run"),
     ]  # fmt: skip
     run = await asyncio.to_thread(
         subprocess.run,
