@@ -72,7 +72,9 @@ class PipelineApp(EngineApp):
         super().on_rebalance_end()
         if self.settings.exactly_once:
             self.eos.on_settled = self._observe_recovery
-            self.eos.recovered()
+            # Which assignment this recovery was for (see Coordinator.recovered).
+            generation, restarting = self.ended_recovery()
+            self.eos.recovered(generation=generation, restarting=restarting)
         else:
             self._observe_recovery()
 

@@ -183,7 +183,9 @@ class _AppCollector(Collector):
         # In exactly-once mode the active changelogs are restored by the coordinator.
         ours = sum(eos.restore_remaining.values())
         remaining.add_metric(["active"], recovery.active_remaining_total() + ours)
-        remaining.add_metric(["standby"], recovery.standby_remaining_total())
+        # And the standby copies of those changelogs by the coordinator's follower.
+        theirs = eos.standby.remaining_total()
+        remaining.add_metric(["standby"], recovery.standby_remaining_total() + theirs)
         yield remaining
         keys = GaugeMetricFamily(
             "pipeline_table_keys",

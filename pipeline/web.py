@@ -15,8 +15,9 @@ what ``read_committed`` consumers of the output topics can see.
 
 While the worker is rebalancing (``"rebalancing": true`` in ``/stats``) views still
 answer, from the local copy, which may be behind: such answers carry the header
-``X-Pipeline-Stale: possibly``. A standby copy lags the active one by up to Faust's
-standby buffer (records not yet applied) until it is promoted and recovered.
+``X-Pipeline-Stale: possibly``. A standby copy lags the active one by the records its
+follower (:mod:`pipeline.eos.standby`) has not applied yet, normally one fetch, until it is
+promoted and restored.
 """
 
 from __future__ import annotations

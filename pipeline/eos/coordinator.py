@@ -28,6 +28,7 @@ from pipeline.eos.partition import NO_GATE, OutRecord, PartitionState, progress_
 from pipeline.eos.policy import CHECK_TIMEOUT_S, MAX_ATTEMPTS, Policy, fatal, is_fence
 from pipeline.eos.restore import Restorer
 from pipeline.eos.stage import Out, Stage
+from pipeline.eos.standby import StandbyFollower
 from pipeline.kafka_io import last_record_end
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class Coordinator:
         self.settled_epoch: int | None = None
         self.unsettled_count = 0
         self.assign_epoch = 0
+        #: the group generation of the last assignment (see :meth:`recovered`)
+        self.assign_generation: int | None = None
         self.reseeks = 0
         #: set by the consumer: seek through Faust's consumer thread, its seeks per
         #: partition (see Fetched), and resume a paused partition
@@ -159,6 +162,12 @@ class Coordinator:
         #: changelog topics of transactional stores (see :meth:`restores_changelog`)
         self._changelog_names: set[str] = set()
         self.restorer = Restorer(lambda: self._reader(auto_offset_reset="earliest"))
+        #: keeps this worker's standby copies current (pipeline.eos.standby)
+        self.standby = StandbyFollower(lambda: self._reader(auto_offset_reset="earliest"))
+        #: the standby changelog partitions of the current assignment, of our stores
+        self._standby_copies: set[TP] = set()
+        #: changelog topic -> its transactional store
+        self._store_of_changelog: dict[str, TransactionalStore] = {}
         #: called once processing may start after a rebalance (recovery duration metric)
         self.on_settled: Callable[[], None] | None = None
         self._offsets_reader: Any = None
@@ -223,6 +232,7 @@ class Coordinator:
         self.stores.setdefault(source_topic, []).append(store)
         if store.transactional:
             self._changelog_names.add(store.changelog_topic_name)
+            self._store_of_changelog[store.changelog_topic_name] = store
 
     def state(self, tp: TP) -> PartitionState:
         st = self.partitions.get(tp)
@@ -252,11 +262,15 @@ class Coordinator:
         """
         self.unsettled_count += 1
 
-    def assigned(self) -> None:
-        """Partitions were assigned: the recovery that follows ends in :meth:`settle`."""
+    def assigned(self, standbys: Iterable[TP] = (), generation: int | None = None) -> None:
+        """Partitions were assigned in group ``generation`` (``standbys``: those assigned
+        as standby copies): the recovery that follows ends in :meth:`settle`."""
         self.assign_epoch = self.unsettled_count
-        # Until the restore says which partitions are owned, Faust's standby copies may
-        # write any of them (above the persisted offset: the restore re-reads that).
+        self.assign_generation = generation
+        # The standby follower stopped writing when the rebalance began (its current()
+        # turned False); it follows the new copies once the restore is done.
+        self.standby.stop()
+        self._standby_copies = {tp for tp in standbys if self.restores_changelog(tp)}
         self._disown()
 
     def _disown(self) -> None:
@@ -264,8 +278,23 @@ class Coordinator:
             for store in stores:
                 store.owned.clear()
 
-    def recovered(self, committed: Mapping[TP, int | None] | None = None) -> None:
+    def recovered(
+        self,
+        committed: Mapping[TP, int | None] | None = None,
+        *,
+        generation: int | None = None,
+        restarting: bool = False,
+    ) -> None:
         """The recovery of the current assignment completed; start processing.
+
+        ``generation`` is the group generation the completed recovery was for, and
+        ``restarting`` whether Faust was told to start another one already. Either
+        shows a recovery that ended after the next assignment arrived: Faust ends a
+        recovery (its seek to the committed offsets) without checking the generation
+        again, and the next assignment's ``assigned`` may come first. A chaos run saw
+        one settle the next assignment while its producers were still being acquired:
+        processing began at offset 0 of partitions it had no offsets for yet, and 873
+        events were forwarded twice.
 
         Called by the app at the end of Faust's recovery. Not from ``perform_seek``:
         Faust also seeks to committed offsets whenever its fetcher runs while flow is
@@ -278,8 +307,17 @@ class Coordinator:
         including offsets of events we skipped (seen: offsets of skipped events taken
         as committed, and the records below them never processed).
         """
-        if self.assign_epoch != self.unsettled_count:
-            log.info("ignoring the end of a superseded recovery")
+        stale_generation = (
+            generation is not None
+            and self.assign_generation is not None
+            and generation != self.assign_generation
+        )
+        if self.assign_epoch != self.unsettled_count or stale_generation or restarting:
+            log.info(
+                "ignoring the end of a superseded recovery (generation %s; assigned %s)",
+                generation,
+                self.assign_generation,
+            )
             return
         epoch = self.unsettled_count
         self._settling = asyncio.ensure_future(self._settle_from(committed, epoch))
@@ -292,6 +330,7 @@ class Coordinator:
             # Never process against incomplete state: end the process, restart clean.
             fatal("could not restore the tables", exc)
             return
+        self.follow_standbys(epoch)
         try:
             if committed is None:
                 committed = await self._committed_offsets(list(self.partitions))
@@ -410,6 +449,18 @@ class Coordinator:
         for tp, store in owned.items():
             store.owned.add(tp.partition)
         return await self.restorer.restore(owned, lambda: epoch == self.unsettled_count)
+
+    def follow_standbys(self, epoch: int) -> None:
+        """Keep this assignment's standby copies current from now until a rebalance
+        begins (:mod:`pipeline.eos.standby`); called once its restore is done."""
+        self.standby.follow(
+            {
+                tp: self._store_of_changelog[tp.topic]
+                for tp in self._standby_copies
+                if tp.topic in self._store_of_changelog
+            },
+            lambda: epoch == self.unsettled_count,
+        )
 
     @property
     def restore_remaining(self) -> dict[TP, int]:
@@ -707,6 +758,7 @@ class Coordinator:
             await self._offsets_reader.stop()
             self._offsets_reader = None
         await self.restorer.close()
+        await self.standby.close()
 
     def _current(self, tp: TP, st: PartitionState, epoch: int) -> bool:
         """Still the same assignment as when the batch arrived?"""

@@ -88,6 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--recovery: start C with the kill instead of before it (C holds no copy)",
     )
+    p.add_argument(
+        "--recovery-keep",
+        metavar="DIR",
+        default=None,
+        help="--recovery: keep the workers' data and logs in DIR (a temporary directory,"
+        " removed at the end, by default)",
+    )
     tables = ("ids", "dedup ids"), ("orders", "orders rows"), ("balances", "users.balances rows")
     for (name, what), default in zip(tables, FULL_SIZES, strict=True):
         p.add_argument(
@@ -776,9 +783,15 @@ def verdicts(r: Result) -> list[str]:
 def main(args: argparse.Namespace, settings: Settings) -> int:
     sizes = sizes_from(args)
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="pipeline-bench-recovery-") as tmp:
-        replace = bool(getattr(args, "recovery_replace", False))
-        result = asyncio.run(run(settings, sizes, Path(tmp), replace=replace))
+    replace = bool(getattr(args, "recovery_replace", False))
+    keep = getattr(args, "recovery_keep", None)
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        result = asyncio.run(run(settings, sizes, Path(keep), replace=replace))
+        print(f"the workers' logs and data are kept in {keep}")
+    else:
+        with tempfile.TemporaryDirectory(prefix="pipeline-bench-recovery-") as tmp:
+            result = asyncio.run(run(settings, sizes, Path(tmp), replace=replace))
     if args.out:
         Path(args.out).write_text(json.dumps(asdict(result), indent=2, default=list))
     print()

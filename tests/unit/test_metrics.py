@@ -11,6 +11,7 @@ from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.eos import PartitionState
+from pipeline.eos.standby import StandbyFollower
 from pipeline.metrics import registry_for, render
 from pipeline.stats import Stats
 
@@ -25,6 +26,18 @@ def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
 
 def _histogram(name: str) -> Histogram:
     return Histogram(name, "test", buckets=(0.01, 0.1, 1), registry=None)
+
+
+def _following(remaining: dict[TP, int | None]) -> StandbyFollower:
+    """The coordinator's standby follower, with copies 3 records behind and one not
+    measured yet (it counts as 1)."""
+
+    async def no_reader() -> None:
+        raise AssertionError("never started")
+
+    follower = StandbyFollower(no_reader)
+    follower.remaining = dict(remaining)
+    return follower
 
 
 def _app() -> SimpleNamespace:
@@ -48,6 +61,7 @@ def _app() -> SimpleNamespace:
         stalled_seconds=lambda: 12.5,
         # the coordinator's own restore of the active changelogs, under way
         restore_remaining={TP("dedup-changelog", 0): 5, TP("dedup-changelog", 1): 2},
+        standby=_following({TP("dedup-changelog", 2): 3, TP("dedup-changelog", 3): None}),
         commit_seconds=[0.01, 0.02, 0.03],
         commit_histogram=_histogram("pipeline_commit_duration_seconds"),
         partitions={
@@ -124,7 +138,8 @@ def test_restore_and_table_size() -> None:
     samples = _samples(render(registry_for(_app())))  # type: ignore[arg-type]
     # Faust's recovery (5) plus the coordinator's restore (5 + 2).
     assert samples[("pipeline_restore_remaining_records", (("kind", "active"),))] == 12
-    assert samples[("pipeline_restore_remaining_records", (("kind", "standby"),))] == 30
+    # Faust's own standby count (tables the engine does not follow) and the follower's.
+    assert samples[("pipeline_restore_remaining_records", (("kind", "standby"),))] == 30 + 4
     assert samples[("pipeline_table_keys", (("table", "dedup"),))] == 1234
     assert ("pipeline_table_keys", (("table", "other"),)) not in samples
     assert ("pipeline_recovery_seconds_count", ()) in samples

@@ -8,6 +8,8 @@ explained where it is done. Outside this package the project uses public API onl
 ``app.py``
     1. ``App._new_transport`` overridden, to set the transport's ``TransactionManager``
        and ``Consumer`` classes on the instance (exactly-once only).
+    1a. ``Recovery._generation_id`` and ``signal_recovery_start`` read when a recovery
+        ends, to tell a superseded one apart (``EngineApp.ended_recovery``).
 ``transactions.py`` (subclass of ``faust.transport.consumer.TransactionManager``)
     2. ``send`` routes by the event's *source* partition, not the destination.
     3. ``commit`` ignores its arguments: it commits what the coordinator recorded.
@@ -19,6 +21,9 @@ explained where it is done. Outside this package the project uses public API onl
        ``app.tables._changelogs``.
     7. ``position`` always returns -1.
     8. ``seek_wait`` maps an unknown offset (None) to 0.
+    8a. ``resume_partitions`` never resumes our tables' standby changelog partitions
+        (``pipeline.eos.standby`` follows them), and ``highwaters`` tells Faust's
+        recovery they are complete, reading ``recovery.standby_offsets``.
     9. ``perform_seek`` hands the seek and resume functions and the thread's seek counts
        (``Consumer._thread``) to the coordinator.
     10. ``_new_consumer_thread`` overridden, to build the thread below.
@@ -42,7 +47,8 @@ explained where it is done. Outside this package the project uses public API onl
 ``store.py`` (subclasses of Faust's RocksDB ``Store`` and of ``faust.Table``)
     17. ``Store._set``, ``_del``, ``_get`` and ``_contains`` overridden (the overlay).
     18. ``Store._db_for_partition``, ``_dbs`` and ``_key_index`` read or written.
-    19. ``Store.apply_changelog_batch`` now applies standby copies only.
+    19. ``Store.apply_changelog_batch`` now applies standby copies only (kept as a
+        guard: Faust no longer reads our changelogs at all, see 8a).
     20. ``Table.on_key_set`` and ``on_key_del`` no longer send to the changelog, and call
         ``_sensor_on_set`` and ``_sensor_on_del``.
     21. ``Table._new_store_by_url`` overridden, to build the store above.

@@ -3,6 +3,8 @@ transaction manager when the policy says exactly-once."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import faust
 from faust.types import TransportT
 
@@ -23,6 +25,15 @@ class EngineApp(faust.App):
         # Everything the worker needs for its life is built by now (the modules, the
         # app, its agents and tables): see pipeline.eos.collector.
         collector.settle()
+
+    def ended_recovery(self) -> tuple[int, bool]:
+        """For the recovery that just ended: the group generation it was started for,
+        and whether Faust was told to start the next one already (see
+        ``Coordinator.recovered``). Reads Faust's ``Recovery._generation_id`` and
+        ``signal_recovery_start``: nothing public says which assignment a recovery
+        served."""
+        recovery: Any = self.tables.recovery  # type: ignore[attr-defined]
+        return int(recovery._generation_id), bool(recovery.signal_recovery_start.is_set())
 
     def _new_transport(self) -> TransportT:
         # Overrides a private factory method: the only hook where the transport's

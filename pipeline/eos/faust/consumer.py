@@ -19,7 +19,7 @@ What they change (each is explained where it is done):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -64,20 +64,23 @@ class SettlingConsumer(AiokafkaConsumer):
         # record (see Coordinator.record_ends): with transactional changelogs the
         # offset before the LSO is a commit marker that recovery would wait for.
         eos = self.app.eos  # type: ignore[attr-defined]
-        # The active changelog partitions of our tables are restored by the coordinator
-        # after Faust's recovery (Coordinator.restore): Faust is told they are complete
-        # where its reading would start (it subtracts 1, and starts at the persisted
-        # offset or before the log start, whichever is later), so it reads none of them.
+        # The changelog partitions of our tables are read by the coordinator, not by
+        # Faust: the active ones restored after Faust's recovery (Coordinator.restore),
+        # the standby copies followed after that (pipeline.eos.standby). Faust is told
+        # they are complete where its reading would start (it subtracts 1, and starts at
+        # the persisted offset or before the log start, whichever is later), so it reads
+        # none of them and counts no standby records as remaining.
         assignor = self.app.assignor
         changelogs = self.app.tables._changelogs  # type: ignore[attr-defined]
-        mine = [
-            tp for tp in partitions if eos.restores_changelog(tp) and not assignor.is_standby(tp)
-        ]
+        mine = [tp for tp in partitions if eos.restores_changelog(tp)]
         ours: dict[TP, int] = {}
         if mine:
             begins = await eos.beginnings(mine)
-            remembered = self.app.tables.recovery.active_offsets  # type: ignore[attr-defined]
+            recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]
             for tp in mine:
+                remembered = (
+                    recovery.standby_offsets if assignor.is_standby(tp) else recovery.active_offsets
+                )
                 persisted = changelogs[tp.topic].data.persisted_offset(tp)
                 start = max(
                     -1 if persisted is None else persisted,
@@ -87,6 +90,17 @@ class SettlingConsumer(AiokafkaConsumer):
                 ours[tp] = start + 1
         rest = [tp for tp in partitions if tp not in ours]
         return {**ours, **(await eos.record_ends(rest) if rest else {})}
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        # Faust resumes the standby changelog partitions on this (the group's) consumer
+        # once its recovery is done, and replays them as one event per record. Ours
+        # are followed by the coordinator's own consumer (pipeline.eos.standby): on this
+        # one they stay paused, so that they take no fetches from the worker's sources.
+        eos = self.app.eos  # type: ignore[attr-defined]
+        assignor = self.app.assignor
+        super().resume_partitions(
+            [tp for tp in tps if not (eos.restores_changelog(tp) and assignor.is_standby(tp))]
+        )
 
     async def position(self, tp: TP) -> int | None:
         # Faust calls this only from its recovery's "aborted transactions up to the

@@ -13,9 +13,9 @@ committed state, possibly behind the changelog (recovery replays the rest), but 
 write of an aborted transaction.
 
 The persisted changelog offset of a partition is written only by a commit and by the
-coordinator's restore (:meth:`TransactionalStore.restore`, a contiguous read from the
-previous offset), never by Faust's recovery: it always means "every committed record
-up to here is applied".
+coordinator's restore and standby follower (:meth:`TransactionalStore.restore`, a
+contiguous read from the previous offset), never by Faust's recovery: it always means
+"every committed record up to here is applied".
 
 Reads without a current event (web views) see committed state only.
 """
@@ -206,16 +206,19 @@ class TransactionalStore(RocksStore):
     ) -> None:
         """Write changelog records Faust's recovery read: standby copies only.
 
-        In exactly-once mode Faust's recovery never moves the persisted offset, and
-        never writes a partition this worker owns: :meth:`restore` does both, from its
-        own consumer. Why: Faust reads changelogs through the worker's shared consumer,
-        where records fetched before a seek are still delivered after it, and its
-        in-memory "last offset read" filter then drops the records the seek fetched
-        again. Its standby copies therefore can miss ranges. Two 200,000-event chaos
-        soaks found such a copy whose persisted offset had moved past the missing range
-        (once through a standby's own batches, once through a batch flushed just after
-        the partition was revoked), so that taking the partition over restored nothing
-        of it and accepted copies of events already seen.
+        Faust no longer reads our changelogs (the consumer keeps them paused, and
+        :mod:`pipeline.eos.standby` follows the standby copies through :meth:`restore`);
+        this stays a guard should a Faust path still deliver some. In exactly-once mode
+        Faust's recovery never moves the persisted offset, and never writes a partition
+        this worker owns: :meth:`restore` does both, from a consumer of ours. Why: Faust
+        reads changelogs through the worker's shared consumer, where records fetched
+        before a seek are still delivered after it, and its in-memory "last offset read"
+        filter then drops the records the seek fetched again. Its standby copies
+        therefore can miss ranges. Two 200,000-event chaos soaks found such a copy whose
+        persisted offset had moved past the missing range (once through a standby's own
+        batches, once through a batch flushed just after the partition was revoked), so
+        that taking the partition over restored nothing of it and accepted copies of
+        events already seen.
 
         So a persisted offset is only ever written by a contiguous read from the
         previous one (:meth:`restore`) or by a commit (:meth:`persist`), and "offset

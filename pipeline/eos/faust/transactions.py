@@ -102,7 +102,11 @@ class ExactlyOnceTransactionManager(TransactionManager):
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
-        self.coordinator.assigned()
+        assignor = self.app.assignor
+        self.coordinator.assigned(
+            {tp for tp in assigned if assignor.is_standby(tp)},
+            generation=self.app.consumer_generation_id,
+        )
         # The group decided whose every partition is, those given up after a fence too.
         self._given_up.clear()
         if self._commit_timer is None:

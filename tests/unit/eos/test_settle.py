@@ -99,3 +99,23 @@ def test_a_partition_with_state_and_no_offset_anywhere_is_refused(
 ) -> None:
     with pytest.raises(SystemExit, match="no committed offset and no progress record"):
         _filled(committed_here=None, monkeypatch=monkeypatch)
+
+
+async def test_the_end_of_a_recovery_of_an_earlier_assignment_settles_nothing() -> None:
+    """Faust can end the recovery of generation 5 after generation 6 was assigned to
+    the coordinator (while the new assignment's producers are still being acquired):
+    settling then would process partitions whose offsets are not known yet."""
+    coord = Coordinator(Settings())
+    coord.unsettle()
+    coord.assigned(generation=6)
+    coord.state(TP0)  # acquired in generation 6
+    coord.recovered({TP0: 5}, generation=5)
+    assert coord._settling is None and not coord.settled
+    # Generation 6's, but Faust was told to start another recovery already.
+    coord.recovered({TP0: 5}, generation=6, restarting=True)
+    assert coord._settling is None and not coord.settled
+    coord.recovered({TP0: 5}, generation=6)
+    assert coord._settling is not None
+    await coord._settling
+    assert coord.settled
+    assert coord.partitions[TP0].expected == 5
