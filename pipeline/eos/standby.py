@@ -24,9 +24,11 @@ The rules, each checked where it is applied:
 3. A copy is followed from the end of its assignment's restore
    (:meth:`~pipeline.eos.coordinator.Coordinator.restore`) until the next rebalance
    begins, never while a restore of the same store runs.
-4. Paced: at most :data:`FETCH_RECORDS` records per fetch, and the event loop is given
-   back between fetches, so that the worker's own partitions are processed while a copy
-   catches up.
+4. Second to the worker's own partitions: reading starts :data:`START_DELAY_S` after
+   the restore (the new assignment's first commit goes first), at most
+   :data:`FETCH_RECORDS` records are read per fetch, and after applying a fetch the
+   follower waits as long as applying took, so that a copy catching up takes at most
+   about half of the event loop.
 
 An error (a broker away, a timeout) is logged and the follower starts over after
 :data:`RETRY_S`: a copy that lags costs time at takeover, never correctness, and
@@ -52,6 +54,10 @@ log = logging.getLogger(__name__)
 FETCH_RECORDS = 5_000
 #: pause before starting over after an error
 RETRY_S = 1.0
+#: wait after an assignment's restore before its copies are read (rule 4)
+START_DELAY_S = 1.0
+#: longest wait after one fetch was applied (rule 4)
+MAX_PAUSE_S = 0.1
 
 
 class StandbyFollower:
@@ -114,6 +120,11 @@ class StandbyFollower:
                 self.idle = False
                 continue
             try:
+                await asyncio.wait_for(self._changed.wait(), START_DELAY_S)
+                continue  # the copies changed meanwhile
+            except TimeoutError:
+                pass
+            try:
                 await self._follow(copies, current)
             except asyncio.CancelledError:
                 raise
@@ -149,8 +160,10 @@ class StandbyFollower:
             consumer.seek(ktp, start)
             if tp in self.remaining:
                 self.remaining[tp] = max(0, int(ends[ktp]) - start)
+        loop = asyncio.get_running_loop()
         while not self._changed.is_set() and current():
             batches = await consumer.getmany(*ktps, timeout_ms=500, max_records=FETCH_RECORDS)
+            began = loop.time()
             for ktp, records in batches.items():
                 if not records:
                     continue
@@ -179,7 +192,8 @@ class StandbyFollower:
                 stable = consumer.last_stable_offset(ktp)
                 end = int(ends[ktp]) if stable is None or stable < 0 else int(stable)
                 self.remaining[tp] = max(0, end - await consumer.position(ktp))
-            await asyncio.sleep(0)  # rule 4
+            # Rule 4: as long again as applying took, or at least one turn of the loop.
+            await asyncio.sleep(min(loop.time() - began, MAX_PAUSE_S) if batches else 0)
 
     async def close(self) -> None:
         self.stop()
