@@ -269,8 +269,8 @@ class Coordinator:
         self.assign_generation = generation
         # The standby follower stopped writing when the rebalance began (its current()
         # turned False); it follows the new copies once the restore is done.
-        self.standby.stop()
         self._standby_copies = {tp for tp in standbys if self.restores_changelog(tp)}
+        self.standby.stop(expected=self._standby_copies)
         self._disown()
 
     def _disown(self) -> None:
@@ -453,6 +453,11 @@ class Coordinator:
     def follow_standbys(self, epoch: int) -> None:
         """Keep this assignment's standby copies current from now until a rebalance
         begins (:mod:`pipeline.eos.standby`); called once its restore is done."""
+        if epoch != self.unsettled_count:
+            # A superseded assignment's settle, ending late (its restore was slow while
+            # the next assignment's already ran): it must not replace the current copies'
+            # follow with one for a dead epoch.
+            return
         self.standby.follow(
             {
                 tp: self._store_of_changelog[tp.topic]

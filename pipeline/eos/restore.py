@@ -56,7 +56,7 @@ class Restorer:
         began: what was written stays valid, and that rebalance's restore goes on from it.
         """
         if not owned:
-            return True
+            return current()
         started = time.monotonic()
         count = 0
         async with self._lock:
@@ -87,6 +87,9 @@ class Restorer:
                     batches = await consumer.getmany(
                         *pending, timeout_ms=500, max_records=FETCH_RECORDS
                     )
+                    if not current():  # the fetch waited: the assignment may be gone
+                        log.info("a rebalance began while restoring (%d records applied)", count)
+                        return False
                     for ktp, records in batches.items():
                         if records:
                             tp = ktps[ktp]
@@ -114,7 +117,8 @@ class Restorer:
             len(owned),
             time.monotonic() - started,
         )
-        return True
+        # Finished, but for this assignment only if it is still the current one.
+        return current()
 
     async def close(self) -> None:
         if self._consumer is not None:

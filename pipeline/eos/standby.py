@@ -38,8 +38,9 @@ An error (a broker away, a timeout) is logged and the follower starts over after
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import TopicPartition
@@ -91,11 +92,12 @@ class StandbyFollower:
         if self._task is None and copies:
             self._task = asyncio.ensure_future(self._run())
 
-    def stop(self) -> None:
-        """Follow nothing until the next :meth:`follow`."""
+    def stop(self, expected: Iterable[TP] = ()) -> None:
+        """Follow nothing until the next :meth:`follow`; ``expected`` are the copies it
+        will be given, counted as not known to be current until then."""
         self._copies = {}
         self._current = lambda: False
-        self.remaining = {}
+        self.remaining = {tp: None for tp in expected}
         self._changed.set()
 
     @property
@@ -131,11 +133,18 @@ class StandbyFollower:
             except Exception as exc:
                 self.errors += 1
                 log.warning(
-                    "standby copies: %s: %s; starting over in %.0f s",
+                    "standby copies: %s: %s; starting over in %.0f s with a new consumer",
                     type(exc).__name__,
                     exc,
                     RETRY_S,
                 )
+                # Not known any more how far the copies are; and a consumer that failed
+                # once is not trusted with the next round.
+                self.remaining = {tp: None for tp in self.remaining}
+                consumer, self._consumer = self._consumer, None
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
                 await asyncio.sleep(RETRY_S)
 
     async def _follow(
@@ -165,26 +174,8 @@ class StandbyFollower:
             batches = await consumer.getmany(*ktps, timeout_ms=500, max_records=FETCH_RECORDS)
             began = loop.time()
             for ktp, records in batches.items():
-                if not records:
-                    continue
-                tp = ktps[ktp]
-                store = copies[tp]
-                # Rule 2: checked and written with no await in between.
-                if self._changed.is_set() or not current():
+                if records and not self.apply(ktps[ktp], copies, records, applied, current):
                     return
-                if tp.partition in store.owned:
-                    # Processed here now: the restore and the commits keep it.
-                    log.info("%s is owned: no longer followed as a standby copy", tp)
-                    self._copies.pop(tp, None)
-                    self.remaining.pop(tp, None)
-                    return
-                if store.persisted_offset(tp) != applied[tp]:
-                    log.info("standby copy %s was written elsewhere: reading it again", tp)
-                    return
-                last = int(records[-1].offset)
-                store.restore(tp.partition, [(m.key, m.value) for m in records], last)
-                applied[tp] = last
-                self.records += len(records)
             for ktp, tp in ktps.items():
                 if tp not in self.remaining:
                     continue
@@ -194,6 +185,35 @@ class StandbyFollower:
                 self.remaining[tp] = max(0, end - await consumer.position(ktp))
             # Rule 4: as long again as applying took, or at least one turn of the loop.
             await asyncio.sleep(min(loop.time() - began, MAX_PAUSE_S) if batches else 0)
+
+    def apply(
+        self,
+        tp: TP,
+        copies: Mapping[TP, TransactionalStore],
+        records: Sequence[Any],
+        applied: dict[TP, int | None],
+        current: Callable[[], bool],
+    ) -> bool:
+        """Write ``records`` (read contiguously after ``applied[tp]``) to ``tp``'s copy,
+        if rule 2 allows; False when the caller must stop and read again."""
+        store = copies[tp]
+        # Rule 2: checked and written with no await in between (this is not a coroutine).
+        if self._changed.is_set() or not current():
+            return False
+        if tp.partition in store.owned:
+            # Processed here now: the restore and the commits keep it.
+            log.info("%s is owned: no longer followed as a standby copy", tp)
+            self._copies.pop(tp, None)
+            self.remaining.pop(tp, None)
+            return False
+        if store.persisted_offset(tp) != applied[tp]:
+            log.info("standby copy %s was written elsewhere: reading it again", tp)
+            return False
+        last = int(records[-1].offset)
+        store.restore(tp.partition, [(m.key, m.value) for m in records], last)
+        applied[tp] = last
+        self.records += len(records)
+        return True
 
     async def close(self) -> None:
         self.stop()

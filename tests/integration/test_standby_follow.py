@@ -134,7 +134,8 @@ async def test_a_rebalance_stops_the_follower_before_its_next_write(
         coord.unsettle()
         await _until(lambda: coord.standby.idle, "the follower waits")
         await _commit(settings, changelog, 0, [(b"k2", b"after the rebalance began")])
-        await asyncio.sleep(1.5)  # three of its fetch waits: it is not fetching at all
+        # Idle means waiting for follow() or stop(), which nothing called: it has not
+        # fetched, let alone written, since.
         assert coord.standby.idle
         assert store.persisted_offset(tp) == records[-1][0]
         assert store._db_for_partition(0).get(b"k2") == _values(records)[b"k2"]

@@ -95,7 +95,9 @@ class SettlingConsumer(AiokafkaConsumer):
         # Faust resumes the standby changelog partitions on this (the group's) consumer
         # once its recovery is done, and replays them as one event per record. Ours
         # are followed by the coordinator's own consumer (pipeline.eos.standby): on this
-        # one they stay paused, so that they take no fetches from the worker's sources.
+        # one they stay paused, so that none of their records is handed out. (Faust
+        # pauses in its own bookkeeping only: aiokafka still buffers one fetch of each,
+        # which is never read; memory, not deliveries.)
         eos = self.app.eos  # type: ignore[attr-defined]
         assignor = self.app.assignor
         super().resume_partitions(
