@@ -6,9 +6,11 @@ rebalance begins, and never writes a partition the worker owns."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -77,18 +79,36 @@ async def _last_offset(settings: Settings, topic: str, partition: int) -> int:
         await consumer.stop()
 
 
-async def test_a_standby_copy_follows_committed_records_and_its_takeover_restores_nothing(
-    settings: Settings, tmp_path: Path
-) -> None:
-    store, changelog, records = await _store_with_changelog(settings, tmp_path, "followed", 1)
-    tp = TP(changelog, 1)
+async def _follow_as_standby(coord: Coordinator, tp: TP) -> None:
+    """An assignment in which ``tp`` is a standby copy: its restore (which owns nothing),
+    then the follower, as Coordinator._settle_from runs them."""
+    coord.assigned({tp})
+    epoch = coord.unsettled_count
+    assert await coord.restore(epoch)
+    coord.follow_standbys(epoch)
+
+
+@contextlib.asynccontextmanager
+async def _copy_of(
+    settings: Settings, tmp_path: Path, name: str, partition: int
+) -> AsyncIterator[tuple[Coordinator, TransactionalStore, TP, list[Any]]]:
+    """A coordinator with one table store whose changelog ``partition`` holds the
+    records of test_restore's _write_changelog, followed as a standby copy."""
+    store, changelog, records = await _store_with_changelog(settings, tmp_path, name, partition)
+    tp = TP(changelog, partition)
     coord = Coordinator(settings)
     coord.register_store("source", store)
     try:
-        coord.assigned({tp})
-        epoch = coord.unsettled_count
-        assert await coord.restore(epoch)  # owns nothing: reads nothing
-        coord.follow_standbys(epoch)
+        await _follow_as_standby(coord, tp)
+        yield coord, store, tp, records
+    finally:
+        await coord.close()
+
+
+async def test_a_standby_copy_follows_committed_records_and_its_takeover_restores_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with _copy_of(settings, tmp_path, "followed", 1) as (coord, store, tp, records):
         # Caught up with the committed records only (an aborted transaction is in the
         # log), the offset persisted with them.
         await _until(lambda: store.persisted_offset(tp) == records[-1][0], "caught up")
@@ -97,8 +117,8 @@ async def test_a_standby_copy_follows_committed_records_and_its_takeover_restore
         await _until(lambda: coord.standby.remaining.get(tp) == 0, "no records left")
 
         # It follows what is committed later too.
-        await _commit(settings, changelog, 1, [(b"k1", b"later"), (b"new", b"row")])
-        last = await _last_offset(settings, changelog, 1)
+        await _commit(settings, tp.topic, 1, [(b"k1", b"later"), (b"new", b"row")])
+        last = await _last_offset(settings, tp.topic, 1)
         await _until(lambda: store.persisted_offset(tp) == last, "the later commit")
         assert _holds(store, 1, {b"k1": b"later", b"new": b"row"})
         assert coord.standby.records == len(records) + 2
@@ -111,29 +131,19 @@ async def test_a_standby_copy_follows_committed_records_and_its_takeover_restore
         assert coord.restored_records == 0
         assert store.owned == {1}
         assert store.persisted_offset(tp) == last
-    finally:
-        await coord.close()
 
 
 async def test_a_rebalance_stops_the_follower_before_its_next_write(
     settings: Settings, tmp_path: Path
 ) -> None:
-    store, changelog, records = await _store_with_changelog(settings, tmp_path, "stopped", 0)
-    tp = TP(changelog, 0)
-    coord = Coordinator(settings)
-    coord.register_store("source", store)
-    try:
-        coord.assigned({tp})
-        epoch = coord.unsettled_count
-        assert await coord.restore(epoch)
-        coord.follow_standbys(epoch)
+    async with _copy_of(settings, tmp_path, "stopped", 0) as (coord, store, tp, records):
         await _until(lambda: store.persisted_offset(tp) == records[-1][0], "caught up")
 
         # A rebalance begins (Faust's consumer thread calls unsettle): the follower
         # stops by itself, before the new assignment is even known.
         coord.unsettle()
         await _until(lambda: coord.standby.idle, "the follower waits")
-        await _commit(settings, changelog, 0, [(b"k2", b"after the rebalance began")])
+        await _commit(settings, tp.topic, 0, [(b"k2", b"after the rebalance began")])
         # Idle means waiting for follow() or stop(), which nothing called: it has not
         # fetched, let alone written, since.
         assert coord.standby.idle
@@ -142,41 +152,26 @@ async def test_a_rebalance_stops_the_follower_before_its_next_write(
 
         # The same partition is a copy of the next assignment too: followed again from
         # its persisted offset, the record it did not write included.
-        coord.assigned({tp})
-        epoch = coord.unsettled_count
-        assert await coord.restore(epoch)
-        coord.follow_standbys(epoch)
-        last = await _last_offset(settings, changelog, 0)
+        await _follow_as_standby(coord, tp)
+        last = await _last_offset(settings, tp.topic, 0)
         await _until(lambda: store.persisted_offset(tp) == last, "caught up again")
         assert store._db_for_partition(0).get(b"k2") == b"after the rebalance began"
-    finally:
-        await coord.close()
 
 
 async def test_a_copy_that_becomes_owned_is_left_to_the_restore_and_the_commits(
     settings: Settings, tmp_path: Path
 ) -> None:
-    store, changelog, records = await _store_with_changelog(settings, tmp_path, "owned", 1)
-    tp = TP(changelog, 1)
-    coord = Coordinator(settings)
-    coord.register_store("source", store)
-    try:
-        coord.assigned({tp})
-        epoch = coord.unsettled_count
-        assert await coord.restore(epoch)
-        coord.follow_standbys(epoch)
+    async with _copy_of(settings, tmp_path, "owned", 1) as (coord, store, tp, records):
         await _until(lambda: store.persisted_offset(tp) == records[-1][0], "caught up")
         # The partition is owned now (as if a restore had claimed it), and a commit of
         # this worker writes a row the changelog gets later: the follower must neither
         # overwrite it nor move the offset.
         store.owned.add(1)
         store.restore(1, [(b"k3", b"this worker's commit")], records[-1][0])
-        await _commit(settings, changelog, 1, [(b"k3", b"late copy")])
+        await _commit(settings, tp.topic, 1, [(b"k3", b"late copy")])
         await _until(lambda: tp not in coord.standby.following, "the follower let it go")
         assert store._db_for_partition(1).get(b"k3") == b"this worker's commit"
         assert store.persisted_offset(tp) == records[-1][0]
-    finally:
-        await coord.close()
 
 
 async def test_a_worker_takes_over_from_its_current_standby_copies_without_restoring(
