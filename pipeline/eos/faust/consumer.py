@@ -91,6 +91,20 @@ class SettlingConsumer(AiokafkaConsumer):
         rest = [tp for tp in partitions if tp not in ours]
         return {**ours, **(await eos.record_ends(rest) if rest else {})}
 
+    async def earliest_offsets(self, *partitions: TP) -> Mapping[TP, int]:
+        # Faust's recovery asks these twice per rebalance (active and standby changelog
+        # partitions) through this, the group's consumer, where each request waits
+        # behind the consumer's own long-poll fetch: 1.5 s each, 3.0 s of a 4.9 s
+        # takeover in bench --recovery. Our tables' changelogs are asked on the
+        # coordinator's consumer for offset questions, which fetches nothing.
+        eos = self.app.eos  # type: ignore[attr-defined]
+        mine = [tp for tp in partitions if eos.restores_changelog(tp)]
+        out: dict[TP, int] = dict(await eos.beginnings(mine)) if mine else {}
+        rest = [tp for tp in partitions if tp not in out]
+        if rest:
+            out.update(await super().earliest_offsets(*rest))
+        return out
+
     def resume_partitions(self, tps: Iterable[TP]) -> None:
         # Faust resumes the standby changelog partitions on this (the group's) consumer
         # once its recovery is done, and replays them as one event per record. Ours
