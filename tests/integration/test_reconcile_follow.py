@@ -287,8 +287,12 @@ async def test_rounds_pass_while_workers_are_killed_and_the_group_rebalances(
             await proc.wait()
     rounds = _rounds(out.decode())
     assert len(rounds) >= 5, out.decode() + err.decode()
-    for r in rounds:
-        assert r["verdict"] == "PASS", r
+    failed = [r for r in rounds if r["verdict"] != "PASS"]
+    if failed:
+        # Does the batch run agree (a real loss) or not (the round judged too early)?
+        # CI saw a round report losses here twice; this says which next time.
+        batch = await reconcile(settings)
+        raise AssertionError(f"{failed[0]}\n{err.decode()[-4000:]}\nbatch:\n{batch.render()}")
     code, last = await _one_round(env, state, metrics)
     assert code == 0 and last["verdict"] == "PASS", last
     assert last["input_records"] == count and last["lag_records"] == 0, last

@@ -29,7 +29,10 @@ from .test_standby_takeover import _standbys_caught_up
 pytestmark = pytest.mark.integration
 
 
-async def _until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+# Long enough for one of the follower's requests to time out (aiokafka's 40 s) and the
+# follower to start over: CI once saw a copy not caught up within 30 s, with no error
+# logged yet. The verdicts wait for a state, never for a time.
+async def _until(check: Callable[[], bool], what: str, timeout: float = 90) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         if asyncio.get_running_loop().time() > deadline:
