@@ -9,15 +9,27 @@ from the last batch written. The verdict is over everything read since the state
 
 **The frontier.** The workers run exactly-once: when the app's consumer group has
 committed offset X on a stage's input partition, every output of the inputs below X is
-committed (in the same transaction), so visible to a ``read_committed`` reader. A round
+committed (in the same transaction). A round
 
 1. reads the group's committed offsets of the four stage inputs (``orders.raw`` for the
    route hop, ``<app>-raw-by-order`` for dedup, ``orders.unique`` for the state machine,
-   the deltas topic for balances): the frontier;
-2. takes every topic's last stable offset, downstream first (changelogs, outputs, dead
+   the deltas topic for balances): the frontier it offers;
+2. takes the high watermark of every topic the stages write (all but ``orders.raw``):
+   the outputs of the transactions that committed those offsets lie below them;
+3. takes every topic's last stable offset, downstream first (changelogs, outputs, dead
    letters, ``orders.unique``, the rekeyed topic, ``orders.raw`` last), so that every
    record read has its cause among the records read;
-3. reads each topic from its checkpoint to that offset, upstream first.
+4. reads each topic from its checkpoint to that offset, upstream first;
+5. moves the frontier to each offered one (its own, or an earlier round's still
+   waiting) whose high watermarks of step 2 every topic has now been read up to.
+
+Step 5 is why committed is not enough. A ``read_committed`` reader stops at the last
+stable offset: the first record of the oldest transaction still open on the partition.
+Another producer's open transaction (another source partition's, or a ``kill -9``-ed
+worker's, open until the next owner of its partition aborts it) hides the committed
+outputs after its first record, although their inputs' offsets are committed: judged
+then, they would look lost. An offered frontier waits, on disk, until that transaction
+ends; at most :data:`OFFERS_KEPT` wait (a newer offer replaces the newest waiting one).
 
 Only what lies below the frontier is judged "missing"; an output whose cause is past it
 is pending, and judged once the frontier passes. What each check compares:
@@ -82,6 +94,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
+from pipeline.connection import KafkaConnection
 from pipeline.domain.codecs import REASON_MAX_BYTES
 from pipeline.kafka_io import committed_offsets, partitions_of
 from pipeline.settings import Settings
@@ -106,6 +119,9 @@ from pipeline.tools.reconcile import (
 KINDS = ("changes", "rejected", "coupons", "deltas")
 #: records read per topic in one round before the round stops reading (see the docstring)
 ROUND_RECORDS = 50_000
+#: frontiers offered and waiting for open transactions to end (see the docstring): only
+#: the granularity of a long wait is lost by keeping few
+OFFERS_KEPT = 8
 _PART = struct.Struct(">I")
 _WHERE = struct.Struct(">IQ")
 
@@ -182,9 +198,10 @@ class State:
 
 
 # Key spaces: one leading byte each.
-_POS, _FRONT, _EVENT, _ORDER, _USER, _SUBJECT, _TODO, _TOTALS, _NAMES = (
+_POS, _FRONT, _OFFERS, _EVENT, _ORDER, _USER, _SUBJECT, _TODO, _TOTALS, _NAMES = (
     b"p",
     b"f",
+    b"w",
     b"e",
     b"k",
     b"u",
@@ -343,9 +360,31 @@ class Follower:
             last_record = before[1] if before is not None else 0
         self.state.put(key, (offset, last_record))
 
-    def advance(self, committed: dict[str, dict[int, int]]) -> None:
-        """Move the frontier to the group's committed offsets (per stage input name),
-        never past what has been read of that input, never backwards."""
+    def advance(
+        self, committed: dict[str, dict[int, int]], high: dict[str, dict[int, int]]
+    ) -> None:
+        """Offer the group's committed offsets (per stage input name) as the frontier,
+        with the high watermarks (per topic) taken after them; then move the frontier to
+        every offer, oldest first, whose high watermarks have all been read up to (call
+        after a round that read to the end). Never past what has been read of a stage's
+        input, never backwards."""
+        offers: list[tuple[dict[str, dict[int, int]], dict[str, dict[int, int]]]]
+        offers = self.state.get(_OFFERS) or []
+        offers.append((committed, high))
+        if len(offers) > OFFERS_KEPT:
+            del offers[-2]
+        while offers and self._read_up_to(offers[0][1]):
+            self._move(offers.pop(0)[0])
+        self.state.put(_OFFERS, offers)
+
+    def _read_up_to(self, high: dict[str, dict[int, int]]) -> bool:
+        for topic, ends in high.items():
+            read = self.position(topic)
+            if any(read.get(p, 0) < end for p, end in ends.items()):
+                return False
+        return True
+
+    def _move(self, committed: dict[str, dict[int, int]]) -> None:
         for name, offsets in committed.items():
             read = self.position(self.stage_inputs[name])
             mine = self.frontier.setdefault(name, {})
@@ -876,6 +915,22 @@ async def _read(
                 remaining.discard(tp)
 
 
+async def _high_watermarks(kafka: KafkaConnection, topics: list[str]) -> dict[str, dict[int, int]]:
+    consumer = AIOKafkaConsumer(
+        **kafka.kwargs(), isolation_level="read_uncommitted", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in await partitions_of(consumer, t)]
+        got = await consumer.end_offsets(tps) if tps else {}
+    finally:
+        await consumer.stop()
+    high: dict[str, dict[int, int]] = {t: {} for t in topics}
+    for tp, off in got.items():
+        high[tp.topic][tp.partition] = off
+    return high
+
+
 async def run_round(
     follower: Follower, settings: Settings, *, round_records: int = ROUND_RECORDS
 ) -> Round:
@@ -890,6 +945,9 @@ async def run_round(
         offsets = await committed_offsets(kafka, s.app_id, topic)
         committed[name] = {p: o or 0 for p, o in offsets.items()}
     feeds = follower.feeds()
+    # After the committed offsets: the outputs of the transactions that committed them
+    # are below these (step 2).
+    high = await _high_watermarks(kafka, [t for t, _ in feeds if t != follower.raw_topic])
     consumer = AIOKafkaConsumer(
         **kafka.kwargs(),
         isolation_level="read_committed",
@@ -937,7 +995,7 @@ async def run_round(
         await consumer.stop()
     result.input_read = result.read.get(s.topic_raw, 0)
     if result.complete:
-        follower.advance(committed)
+        follower.advance(committed, high)
         follower.judge()
     follower.commit()
     result.lag = follower.lag()

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from pipeline.kafka_io import read_topic
 from pipeline.settings import Settings
@@ -75,6 +75,72 @@ def _gauges(path: Path) -> dict[str, float]:
 
 def _counts(topics: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
     return {t["topic"]: (t["expected"], t["actual"]) for t in topics}
+
+
+async def test_committed_outputs_behind_an_open_transaction_wait_for_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The broker's side of the frontier's step 5, with no worker: a stage transaction
+    commits the hop's offsets of two valid input events, and the rekeyed copy of only
+    the first, behind another producer's transaction that stays open. A round then
+    cannot read the copy (the last stable offset stops at the open transaction) and
+    judges neither event; once that transaction is aborted, the copy passes and the
+    event without one is reported lost."""
+    from pipeline.admin import declare_topics
+    from pipeline.domain.route import EID, SRC, Rekey, route_record, source_header
+    from pipeline.tools.generate import generate
+    from pipeline.tools.reconcile_follow import Follower, State, run_round
+
+    s = settings
+    await declare_topics(s)
+    kwargs = s.kafka.kwargs()
+    records = list(generate(2, seed=5, dup_rate=0.0, bad_rate=0.0, illegal_rate=0.0))
+    plain = AIOKafkaProducer(**kwargs)
+    await plain.start()
+    try:
+        sent = [
+            await plain.send_and_wait(s.topic_raw, r.value, key=r.key, partition=0) for r in records
+        ]
+    finally:
+        await plain.stop()
+    by_order = TopicPartition(s.by_order_topic, 0)
+    blocker = AIOKafkaProducer(**kwargs, transactional_id=f"{s.app_id}-blocker")
+    stage = AIOKafkaProducer(**kwargs, transactional_id=f"{s.app_id}-stage")
+    await blocker.start()
+    await stage.start()
+    try:
+        await blocker.begin_transaction()
+        await blocker.send_and_wait(by_order.topic, b"never committed", partition=0)
+        await stage.begin_transaction()
+        first, meta = records[0], sent[0]
+        routed = route_record(first.value, first.key, (s.topic_raw, 0, meta.offset))
+        assert isinstance(routed, Rekey)
+        headers = [(SRC, source_header(0, meta.offset)), (EID, routed.event_id)]
+        await stage.send_and_wait(
+            by_order.topic, first.value, key=routed.order_key, partition=0, headers=headers
+        )
+        # The hop's offsets past both events: the second one's copy is lost.
+        await stage.send_offsets_to_transaction(
+            {TopicPartition(s.topic_raw, 0): sent[1].offset + 1}, s.app_id
+        )
+        await stage.commit_transaction()
+
+        follower = Follower(s, State(str(tmp_path / "follow-state")))
+        held = await run_round(follower, s)
+        assert held.report.ok, held.report.render()
+        assert held.read[s.by_order_topic] == 0, held.read
+        assert held.lag == 2  # both input records, read and not yet judged
+        assert follower.frontier["raw"].get(0, 0) == 0
+        await blocker.abort_transaction()
+        ended = await run_round(follower, s)
+    finally:
+        await stage.stop()
+        await blocker.stop()
+    assert ended.read[s.by_order_topic] == 1, ended.read
+    assert follower.frontier["raw"][0] == sent[1].offset + 1
+    unique = ended.report.checks[0]
+    assert (unique.topic, unique.missing) == (s.topic_unique, 1), ended.report.render()
+    assert f"{s.topic_raw}:0:{sent[1].offset}" in unique.examples[0], unique.examples
 
 
 async def test_follow_resumes_from_its_checkpoint_and_reports_a_planted_duplicate(
