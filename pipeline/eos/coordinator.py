@@ -26,6 +26,7 @@ from pipeline.eos.delivery import CheckUnknown, Fetched, FetchLedger, KnownRecor
 from pipeline.eos.faults import Faults
 from pipeline.eos.partition import NO_GATE, OutRecord, PartitionState, progress_key
 from pipeline.eos.policy import CHECK_TIMEOUT_S, MAX_ATTEMPTS, Policy, fatal, is_fence
+from pipeline.eos.readers import OnDemand
 from pipeline.eos.restore import Restorer
 from pipeline.eos.stage import Out, Stage
 from pipeline.eos.standby import StandbyFollower
@@ -148,7 +149,8 @@ class Coordinator:
         self._quiesce = self.policy.on("quiesce")
         self.unstalls = 0
         self._liveness_task: asyncio.Future[None] | None = None
-        self._checker: Any = None
+        self._checker = OnDemand(lambda: self._reader(max_partition_fetch_bytes=1024 * 1024))
+        #: the checker is assigned what it checks: one check at a time
         self._checker_lock = asyncio.Lock()
         #: per partition, the committed-record offsets of the last range read
         self._known: dict[TP, KnownRecords] = {}
@@ -170,7 +172,7 @@ class Coordinator:
         self._store_of_changelog: dict[str, TransactionalStore] = {}
         #: called once processing may start after a rebalance (recovery duration metric)
         self.on_settled: Callable[[], None] | None = None
-        self._offsets_reader: Any = None
+        self._offsets_reader = OnDemand(self._new_offsets_reader)
         self._reseek_task: asyncio.Future[None] | None = None
         self.commit_seconds: list[float] = []
         #: loop time at which an agent last finished an event (see :meth:`wait_quiet`)
@@ -494,18 +496,18 @@ class Coordinator:
         no long-poll fetch of its own holds up its requests. (The broker answers one
         connection's requests in order: a ``ListOffsets`` sent behind a fetch waits up
         to the fetch's wait, 0.5 s in aiokafka and 1.5 s in Faust's consumer.)"""
+        return await self._offsets_reader.get()
+
+    async def _new_offsets_reader(self) -> Any:
         from aiokafka import AIOKafkaConsumer
 
-        if self._offsets_reader is None:
-            # Has the group id to ask the group coordinator, but never subscribes, so
-            # it never joins the group.
-            self._offsets_reader = AIOKafkaConsumer(
-                **self.settings.kafka.kwargs(),
-                group_id=self.settings.app_id,
-                enable_auto_commit=False,
-            )
-            await self._offsets_reader.start()
-        return self._offsets_reader
+        # Has the group id to ask the group coordinator, but never subscribes, so it
+        # never joins the group.
+        consumer = AIOKafkaConsumer(
+            **self.settings.kafka.kwargs(), group_id=self.settings.app_id, enable_auto_commit=False
+        )
+        await consumer.start()
+        return consumer
 
     async def _committed_offsets(self, tps: list[TP]) -> dict[TP, int | None]:
         reader = await self._offsets()
@@ -750,9 +752,7 @@ class Coordinator:
         return max(times, default=0.0)
 
     async def _checker_consumer(self) -> Any:
-        if self._checker is None:
-            self._checker = await self._reader(max_partition_fetch_bytes=1024 * 1024)
-        return self._checker
+        return await self._checker.get()
 
     async def beginnings(self, tps: list[TP]) -> dict[TP, int]:
         consumer = await self._offsets()
@@ -763,12 +763,8 @@ class Coordinator:
     async def close(self) -> None:
         if self._liveness_task is not None:
             self._liveness_task.cancel()
-        if self._checker is not None:
-            await self._checker.stop()
-            self._checker = None
-        if self._offsets_reader is not None:
-            await self._offsets_reader.stop()
-            self._offsets_reader = None
+        await self._checker.close()
+        await self._offsets_reader.close()
         await self.restorer.close()
         await self.standby.close()
 

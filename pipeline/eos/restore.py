@@ -23,8 +23,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import TopicPartition
 from faust.types import TP
+
+from pipeline.eos.readers import OnDemand, seek_after_persisted
 
 if TYPE_CHECKING:
     from pipeline.eos.faust.store import TransactionalStore
@@ -40,8 +41,8 @@ class Restorer:
 
     def __init__(self, new_reader: Callable[[], Awaitable[Any]]) -> None:
         #: makes the started ``read_committed`` consumer outside the group
-        self._new_reader = new_reader
-        self._consumer: Any = None
+        self._reader = OnDemand(new_reader)
+        #: one restore at a time: they share the consumer
         self._lock = asyncio.Lock()
         #: per changelog partition being restored, records still to read (for /metrics)
         self.remaining: dict[TP, int] = {}
@@ -60,26 +61,12 @@ class Restorer:
         started = time.monotonic()
         count = 0
         async with self._lock:
-            if self._consumer is None:
-                self._consumer = await self._new_reader()
-            consumer = self._consumer
+            consumer = await self._reader.get()
             try:
-                ktps = {TopicPartition(tp.topic, tp.partition): tp for tp in owned}
-                # Asked before assigning: once assigned, the consumer's fetches (long
-                # polls of up to 500 ms) go first on the broker's connection, and each
-                # of these two requests can wait for one (measured with a lone
-                # consumer: 0.8 and 0.5 s after a re-assign, 0.002 s before).
-                ends = await consumer.end_offsets(list(ktps))
-                begins = await consumer.beginning_offsets(list(ktps))
-                consumer.assign(list(ktps))
-                pending: dict[TopicPartition, int] = {}
-                for ktp, tp in ktps.items():
-                    persisted = owned[tp].persisted_offset(tp)
-                    start = max(int(begins[ktp]), 0 if persisted is None else persisted + 1)
-                    if start < int(ends[ktp]):
-                        consumer.seek(ktp, start)
-                        pending[ktp] = int(ends[ktp])
-                        self.remaining[tp] = int(ends[ktp]) - start
+                spans = await seek_after_persisted(consumer, owned)
+                pending = {ktp: span.end for ktp, span in spans.items() if span.left}
+                ktps = {ktp: span.tp for ktp, span in spans.items()}
+                self.remaining = {span.tp: span.left for span in spans.values() if span.left}
                 while pending:
                     if not current():
                         log.info("a rebalance began while restoring (%d records applied)", count)
@@ -121,6 +108,4 @@ class Restorer:
         return current()
 
     async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        await self._reader.close()

@@ -38,13 +38,13 @@ An error (a broker away, a timeout) is logged and the follower starts over after
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import TopicPartition
 from faust.types import TP
+
+from pipeline.eos.readers import OnDemand, seek_after_persisted
 
 if TYPE_CHECKING:
     from pipeline.eos.faust.store import TransactionalStore
@@ -66,8 +66,7 @@ class StandbyFollower:
 
     def __init__(self, new_reader: Callable[[], Awaitable[Any]]) -> None:
         #: makes a started ``read_committed`` consumer outside the group
-        self._new_reader = new_reader
-        self._consumer: Any = None
+        self._reader = OnDemand(new_reader)
         #: the copies to keep (changelog partition -> its store), and while which
         #: assignment: ``current()`` turns False for good when a rebalance begins
         self._copies: dict[TP, TransactionalStore] = {}
@@ -114,9 +113,10 @@ class StandbyFollower:
             self._changed.clear()
             copies, current = self._copies, self._current
             if not copies or not current():
-                if self._consumer is not None:
+                if self._reader.made:
                     # Paused, not unsubscribed: see Restorer.restore.
-                    self._consumer.pause(*self._consumer.assignment())
+                    consumer = await self._reader.get()
+                    consumer.pause(*consumer.assignment())
                 self.idle = True
                 await self._changed.wait()
                 self.idle = False
@@ -141,10 +141,7 @@ class StandbyFollower:
                 # Not known any more how far the copies are; and a consumer that failed
                 # once is not trusted with the next round.
                 self.remaining = {tp: None for tp in self.remaining}
-                consumer, self._consumer = self._consumer, None
-                if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        await consumer.stop()
+                await self._reader.close(quiet=True)
                 await asyncio.sleep(RETRY_S)
 
     async def _follow(
@@ -152,23 +149,15 @@ class StandbyFollower:
     ) -> None:
         """Read ``copies`` from their persisted offsets on, until they change, a rebalance
         begins, or a copy was written by someone else (then the caller starts over)."""
-        if self._consumer is None:
-            self._consumer = await self._new_reader()
-        consumer = self._consumer
-        ktps = {TopicPartition(tp.topic, tp.partition): tp for tp in copies}
-        # Asked before assigning, as the restore does (see Restorer.restore).
-        begins = await consumer.beginning_offsets(list(ktps))
-        ends = await consumer.end_offsets(list(ktps))
-        consumer.assign(list(ktps))
+        consumer = await self._reader.get()
+        spans = await seek_after_persisted(consumer, copies)
+        ktps = {ktp: span.tp for ktp, span in spans.items()}
+        ends = {ktp: span.end for ktp, span in spans.items()}
         #: per copy, the persisted offset this follower last saw or wrote (rule 2)
-        applied: dict[TP, int | None] = {}
-        for ktp, tp in ktps.items():
-            persisted = copies[tp].persisted_offset(tp)
-            applied[tp] = persisted
-            start = max(int(begins[ktp]), 0 if persisted is None else persisted + 1)
-            consumer.seek(ktp, start)
-            if tp in self.remaining:
-                self.remaining[tp] = max(0, int(ends[ktp]) - start)
+        applied = {span.tp: span.persisted for span in spans.values()}
+        for span in spans.values():
+            if span.tp in self.remaining:
+                self.remaining[span.tp] = span.left
         loop = asyncio.get_running_loop()
         while not self._changed.is_set() and current():
             batches = await consumer.getmany(*ktps, timeout_ms=500, max_records=FETCH_RECORDS)
@@ -226,6 +215,4 @@ class StandbyFollower:
             except Exception:  # its errors were logged where they happened
                 pass
             self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        await self._reader.close()

@@ -55,6 +55,16 @@ class SettlingConsumer(AiokafkaConsumer):
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return BatchingConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    def _split(self, partitions: Iterable[TP]) -> tuple[list[TP], list[TP]]:
+        """``partitions`` as (our tables' changelog partitions, which the coordinator
+        reads and answers for, the rest, which stay Faust's)."""
+        eos = self.app.eos  # type: ignore[attr-defined]
+        mine: list[TP] = []
+        rest: list[TP] = []
+        for tp in partitions:
+            (mine if eos.restores_changelog(tp) else rest).append(tp)
+        return mine, rest
+
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         # Faust answers from the consumer's cached last stable offset, which is unknown
         # (-1) for a partition not fetched yet; recovery then raises ConsistencyError
@@ -72,7 +82,7 @@ class SettlingConsumer(AiokafkaConsumer):
         # none of them and counts no standby records as remaining.
         assignor = self.app.assignor
         changelogs = self.app.tables._changelogs  # type: ignore[attr-defined]
-        mine = [tp for tp in partitions if eos.restores_changelog(tp)]
+        mine, rest = self._split(partitions)
         ours: dict[TP, int] = {}
         if mine:
             begins = await eos.beginnings(mine)
@@ -88,7 +98,6 @@ class SettlingConsumer(AiokafkaConsumer):
                     begins.get(tp, 0) - 1,
                 )
                 ours[tp] = start + 1
-        rest = [tp for tp in partitions if tp not in ours]
         return {**ours, **(await eos.record_ends(rest) if rest else {})}
 
     async def earliest_offsets(self, *partitions: TP) -> Mapping[TP, int]:
@@ -98,9 +107,8 @@ class SettlingConsumer(AiokafkaConsumer):
         # takeover in bench --recovery. Our tables' changelogs are asked on the
         # coordinator's consumer for offset questions, which fetches nothing.
         eos = self.app.eos  # type: ignore[attr-defined]
-        mine = [tp for tp in partitions if eos.restores_changelog(tp)]
+        mine, rest = self._split(partitions)
         out: dict[TP, int] = dict(await eos.beginnings(mine)) if mine else {}
-        rest = [tp for tp in partitions if tp not in out]
         if rest:
             out.update(await super().earliest_offsets(*rest))
         return out
