@@ -153,6 +153,8 @@ class Link:
         self._server: asyncio.Server | None = None
         self._commit_delay: tuple[str, float, asyncio.Future[str]] | None = None
         self._resets: list[str] = []
+        #: while a reset runs, the connections it cuts (see :meth:`reset`)
+        self._armed: set[_Conn] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: requests seen per API, for the notes and the tests
         self.requests: Counter[int] = Counter()
@@ -219,18 +221,26 @@ class Link:
 
     async def reset(self, within: float) -> str:
         """Cut every connection in the middle of its next request (or idle, after
-        ``within`` seconds); what was cut, by request."""
+        ``within`` seconds); what was cut, by request. Until one is cut, a connection
+        the worker opens meanwhile is armed too: a worker that just started may close
+        its only connection (the bootstrap one) and open others before it asks
+        anything, and a reset that cut nothing would not be a reset."""
         self._resets = []
-        armed = list(self.conns)
-        for c in armed:
+        self._armed = set(self.conns)
+        for c in self._armed:
             c.reset_armed = True
-        deadline = asyncio.get_running_loop().time() + within
-        while any(not c.closed for c in armed):
-            if asyncio.get_running_loop().time() >= deadline:
-                break
-            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        try:
+            while not self._resets or any(not c.closed for c in self._armed):
+                if loop.time() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            armed, self._armed = self._armed, None
         idle = 0
         for c in armed:
+            c.reset_armed = False
             if not c.closed:
                 c.abort()
                 idle += 1
@@ -251,6 +261,9 @@ class Link:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(writer)
         self.conns.add(conn)
+        if self._armed is not None and not self._resets:
+            conn.reset_armed = True
+            self._armed.add(conn)
         try:
             # A partitioned path answers no new connection either.
             await self._open.wait()

@@ -217,6 +217,36 @@ async def test_a_reset_cuts_the_next_request_half_way(net: tuple[Broker, Link]) 
             writer.close()
 
 
+async def test_a_reset_cuts_a_connection_opened_after_the_armed_one_closed(
+    net: tuple[Broker, Link],
+) -> None:
+    """A worker just started: its bootstrap connection closes by itself, and its next
+    request goes on a connection opened after the reset began. That one is cut; once
+    one is, later connections are left alone."""
+    broker, link = net
+    r, w = await client(link)
+    w.write(frame(18))
+    assert await answer(r) == 18
+    resetting = asyncio.ensure_future(link.reset(within=5.0))
+    await asyncio.sleep(0.1)
+    w.close()
+    await asyncio.sleep(0.3)
+    assert not resetting.done()  # nothing cut yet: the reset waits on
+    r2, w2 = await client(link)
+    w2.write(frame(3, b"m" * 10_000))
+    await w2.drain()
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(answer(r2), 5)
+    r3, w3 = await client(link)
+    w3.write(frame(18))
+    assert await asyncio.wait_for(answer(r3), 5) == 18
+    assert await asyncio.wait_for(resetting, 5) == "reset 2 connections: 1 mid-Metadata"
+    assert broker.frames == [18, 18]
+    for writer in (w2, w3):
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
 async def test_a_link_to_a_dead_broker_refuses_the_client() -> None:
     link = Link(free_port(), free_port())  # nothing listens upstream
     await link.start()
