@@ -78,6 +78,15 @@ class PipelineApp(EngineApp):
         else:
             self._observe_recovery()
 
+    @property
+    def recovering(self) -> bool:
+        """Whether this worker's state may be behind its changelogs: Faust is
+        rebalancing, or (exactly-once) Faust's recovery ended and the coordinator is
+        still restoring the tables and settling (pipeline.eos.restore), which Faust's
+        ``rebalancing`` no longer shows. /stats, /metrics and the stale header of the
+        views all say this."""
+        return bool(self.rebalancing) or (self.settings.exactly_once and not self.eos.settled)
+
     def _observe_recovery(self) -> None:
         if self.rebalance_started is not None:
             # From the start of the rebalance to the end of the tables' recovery.

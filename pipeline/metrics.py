@@ -158,7 +158,9 @@ class _AppCollector(Collector):
             owned.add_metric([topic], n)
         yield owned
         yield GaugeMetricFamily(
-            "pipeline_rebalancing", "1 while this worker is rebalancing", value=int(app.rebalancing)
+            "pipeline_rebalancing",
+            "1 while this worker is rebalancing or restoring its tables",
+            value=int(app.recovering),
         )
         yield from eos.commit_histogram.collect()
         yield CounterMetricFamily(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web as aiohttp_web
 from faust.web import Request, Response, View
@@ -39,7 +39,7 @@ def answer(view: View, body: dict[str, Any]) -> Response:
     """``body`` as JSON, marked ``X-Pipeline-Stale`` while the worker rebalances."""
     # The standard library's JSON, not Faust's (orjson): a balance can outgrow 64 bits.
     response = view.bytes(json.dumps(body).encode(), content_type="application/json")
-    if view.app.rebalancing:
+    if cast("PipelineApp", view.app).recovering:
         response.headers["X-Pipeline-Stale"] = "possibly"
     return response
 
@@ -115,7 +115,8 @@ def install_common(app: PipelineApp, page: str | None = None) -> None:
             for tp in app.eos.partitions:
                 owned.setdefault(tp.topic, []).append(tp.partition)
             body["partitions"] = {t: sorted(ps) for t, ps in sorted(owned.items())}
-            body["rebalancing"] = bool(app.rebalancing)
+            # Until the tables are restored too, not only Faust's rebalance.
+            body["rebalancing"] = app.recovering
             body["outputs"] = dict(sorted(app.stats.outputs.items()))
             return self.json(body)
 

@@ -121,3 +121,25 @@ async def test_a_producer_request_times_out_in_seconds_not_faust_s_twenty_minute
     await txn.producer.stop()
     with pytest.raises(ValidationError):
         Settings(producer_request_timeout_s=1200)  # past the transaction timeout
+
+
+def test_a_worker_counts_as_rebalancing_until_its_tables_are_restored(tmp_path: Path) -> None:
+    """In exactly-once mode Faust's rebalance ends before the coordinator restored the
+    tables (pipeline.eos.restore): /stats, the metric and the stale header must not
+    call the worker ready in between."""
+    app = create_app(Settings(app_id="t-recovering", datadir=tmp_path / "eos"))
+    assert app.recovering  # never settled: no assignment restored yet
+    app.eos.settled_epoch = app.eos.unsettled_count  # what Coordinator.settle ends with
+    assert not app.recovering
+    app.eos.unsettle()  # a rebalance began; Faust's recovery may have ended since
+    assert not app.rebalancing and app.recovering
+    app.eos.settled_epoch = app.eos.unsettled_count  # what Coordinator.settle ends with
+    assert not app.recovering
+    # At least once, nothing is restored by the coordinator: Faust's flag alone.
+    alo = create_app(
+        Settings(
+            app_id="t-recovering", datadir=tmp_path / "alo", processing_guarantee="at_least_once"
+        )
+    )
+    alo.eos.unsettle()
+    assert not alo.recovering

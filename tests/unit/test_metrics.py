@@ -80,6 +80,7 @@ def _app() -> SimpleNamespace:
         stats=Stats(seen=10, unique=7, duplicates_dropped=2, dlq=1, rejected=3),
         eos=eos,
         rebalancing=False,
+        recovering=False,
         consumer=SimpleNamespace(highwater=ends.__getitem__),
         tables=SimpleNamespace(recovery=recovery, values=lambda: [dedup, plain]),
         recoveries=_histogram("pipeline_recovery_seconds"),
@@ -111,7 +112,8 @@ def test_metrics_read_the_live_objects_at_scrape_time() -> None:
     assert first[("pipeline_held_waits_total", ())] == 9
     # Nothing is copied at registration: the next scrape sees the new values.
     app.stats.seen = 11
-    app.rebalancing = True
+    # Restoring after Faust's rebalance ended counts too (PipelineApp.recovering).
+    app.recovering = True
     second = _samples(render(registry))
     assert second[("pipeline_events_seen_total", ())] == 11
     assert second[("pipeline_rebalancing", ())] == 1
