@@ -26,7 +26,7 @@ from pipeline.eos.delivery import CheckUnknown, Fetched, FetchLedger, KnownRecor
 from pipeline.eos.faults import Faults
 from pipeline.eos.partition import NO_GATE, OutRecord, PartitionState, progress_key
 from pipeline.eos.policy import CHECK_TIMEOUT_S, MAX_ATTEMPTS, Policy, fatal, is_fence
-from pipeline.eos.readers import OnDemand
+from pipeline.eos.readers import OnDemand, idle
 from pipeline.eos.restore import Restorer
 from pipeline.eos.stage import Out, Stage
 from pipeline.eos.standby import StandbyFollower
@@ -633,24 +633,28 @@ class Coordinator:
             consumer = await self._checker_consumer()
             ktp = TopicPartition(tp.topic, tp.partition)
             consumer.assign([ktp])
-            end = (await consumer.end_offsets([ktp]))[ktp]
-            if start >= end:
+            try:
+                end = (await consumer.end_offsets([ktp]))[ktp]
+                if start >= end:
+                    return None
+                consumer.seek(ktp, start)
+                deadline = asyncio.get_running_loop().time() + CHECK_TIMEOUT_S
+                while await consumer.position(ktp) < end:
+                    if asyncio.get_running_loop().time() > deadline:
+                        # Unknown. Not "a record is missing at ``start``": on a topic
+                        # written by transactions ``start`` is often a commit marker,
+                        # which is never delivered, and waiting for it stalled the
+                        # partition.
+                        raise CheckUnknown(f"{tp}: could not read from {start} in time")
+                    batch = await consumer.getmany(ktp, timeout_ms=1000)
+                    offsets = [int(m.offset) for m in batch.get(ktp, ())]
+                    if offsets:
+                        after = await consumer.position(ktp)
+                        self._known[tp] = KnownRecords(start, max(after, offsets[-1] + 1), offsets)
+                        return offsets[0]
                 return None
-            consumer.seek(ktp, start)
-            deadline = asyncio.get_running_loop().time() + CHECK_TIMEOUT_S
-            while await consumer.position(ktp) < end:
-                if asyncio.get_running_loop().time() > deadline:
-                    # Unknown. Not "a record is missing at ``start``": on a topic
-                    # written by transactions ``start`` is often a commit marker, which
-                    # is never delivered, and waiting for it stalled the partition.
-                    raise CheckUnknown(f"{tp}: could not read from {start} in time")
-                batch = await consumer.getmany(ktp, timeout_ms=1000)
-                offsets = [int(m.offset) for m in batch.get(ktp, ())]
-                if offsets:
-                    after = await consumer.position(ktp)
-                    self._known[tp] = KnownRecords(start, max(after, offsets[-1] + 1), offsets)
-                    return offsets[0]
-            return None
+            finally:
+                idle(consumer)
 
     async def record_ends(self, tps: Iterable[TP]) -> dict[TP, int]:
         """Per partition, the offset after its last committed *record*.
@@ -667,11 +671,15 @@ class Coordinator:
             if not ktps:
                 return out
             consumer.assign(ktps)
-            ends = await consumer.end_offsets(ktps)
-            begins = await consumer.beginning_offsets(ktps)
-            for ktp in ktps:
-                end, begin = int(ends[ktp]), int(begins[ktp])
-                out[TP(ktp.topic, ktp.partition)] = await last_record_end(consumer, ktp, begin, end)
+            try:
+                ends = await consumer.end_offsets(ktps)
+                begins = await consumer.beginning_offsets(ktps)
+                for ktp in ktps:
+                    end, begin = int(ends[ktp]), int(begins[ktp])
+                    tp = TP(ktp.topic, ktp.partition)
+                    out[tp] = await last_record_end(consumer, ktp, begin, end)
+            finally:
+                idle(consumer)
         return out
 
     async def _seek_quietly(self, targets: Mapping[TP, int]) -> None:

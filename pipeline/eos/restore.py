@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust.types import TP
 
-from pipeline.eos.readers import OnDemand, seek_after_persisted
+from pipeline.eos.readers import OnDemand, idle, seek_after_persisted
 
 if TYPE_CHECKING:
     from pipeline.eos.faust.store import TransactionalStore
@@ -108,11 +108,7 @@ class Restorer:
                             del pending[ktp]
             finally:
                 self.remaining = {}
-                # Paused, or its fetcher goes on prefetching them. Not unsubscribed:
-                # aiokafka's fetcher fails for good when it wakes to an assignment that
-                # an unsubscribe removed before it ran, as a restore that returns at
-                # once did (seen with aiokafka 0.14: the next restore never ended).
-                consumer.pause(*consumer.assignment())
+                idle(consumer)
                 self.records += count
         # Logged when nothing was left to read too: a takeover from a current standby
         # copy shows as 0 records (bench --recovery reads these lines).

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust.types import TP
 
-from pipeline.eos.readers import OnDemand, seek_after_persisted
+from pipeline.eos.readers import OnDemand, idle, seek_after_persisted
 
 if TYPE_CHECKING:
     from pipeline.eos.faust.store import TransactionalStore
@@ -114,9 +114,7 @@ class StandbyFollower:
             copies, current = self._copies, self._current
             if not copies or not current():
                 if self._reader.made:
-                    # Paused, not unsubscribed: see Restorer.restore.
-                    consumer = await self._reader.get()
-                    consumer.pause(*consumer.assignment())
+                    idle(await self._reader.get())
                 self.idle = True
                 await self._changed.wait()
                 self.idle = False
