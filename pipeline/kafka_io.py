@@ -95,6 +95,14 @@ async def end_offsets(
     kafka: KafkaConnection | str, topic: str, *, committed: bool = True
 ) -> dict[int, int]:
     """End offsets: the last stable offset (read_committed) or the high watermark."""
+    return (await ends_of(kafka, [topic], committed=committed))[topic]
+
+
+async def ends_of(
+    kafka: KafkaConnection | str, topics: list[str], *, committed: bool = True
+) -> dict[str, dict[int, int]]:
+    """:func:`end_offsets` of several topics, asked at once (one consumer, one request
+    per broker); a topic that does not exist has no partitions."""
     consumer = AIOKafkaConsumer(
         **as_connection(kafka).kwargs(),
         isolation_level="read_committed" if committed else "read_uncommitted",
@@ -102,12 +110,16 @@ async def end_offsets(
     )
     await consumer.start()
     try:
-        parts = await partitions_of(consumer, topic)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = []
+        for t in topics:
+            tps += [TopicPartition(t, p) for p in sorted(await partitions_of(consumer, t))]
         ends = await consumer.end_offsets(tps) if tps else {}
-        return {tp.partition: off for tp, off in ends.items()}
     finally:
         await consumer.stop()
+    out: dict[str, dict[int, int]] = {t: {} for t in topics}
+    for tp, off in ends.items():
+        out[tp.topic][tp.partition] = off
+    return out
 
 
 async def _stop(consumer: AIOKafkaConsumer) -> None:

@@ -630,7 +630,7 @@ class Coordinator:
                 return answer
         self.broker_checks += 1
         async with self._checker_lock:
-            consumer = await self._checker_consumer()
+            consumer = await self._checker.get()
             ktp = TopicPartition(tp.topic, tp.partition)
             consumer.assign([ktp])
             try:
@@ -666,7 +666,7 @@ class Coordinator:
         """
         out: dict[TP, int] = {}
         async with self._checker_lock:
-            consumer = await self._checker_consumer()
+            consumer = await self._checker.get()
             ktps = [TopicPartition(tp.topic, tp.partition) for tp in tps]
             if not ktps:
                 return out
@@ -758,9 +758,6 @@ class Coordinator:
         now = time.monotonic()  # asyncio's loop time is time.monotonic()
         times = [now - st.stalled_since for st in self.partitions.values() if st.stalled_since]
         return max(times, default=0.0)
-
-    async def _checker_consumer(self) -> Any:
-        return await self._checker.get()
 
     async def beginnings(self, tps: list[TP]) -> dict[TP, int]:
         consumer = await self._offsets()

@@ -94,9 +94,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
-from pipeline.connection import KafkaConnection
 from pipeline.domain.codecs import REASON_MAX_BYTES
-from pipeline.kafka_io import committed_offsets, partitions_of
+from pipeline.kafka_io import committed_offsets, ends_of, partitions_of
 from pipeline.settings import Settings
 from pipeline.tools.reconcile import (
     SRC_HEADER,
@@ -915,22 +914,6 @@ async def _read(
                 remaining.discard(tp)
 
 
-async def _high_watermarks(kafka: KafkaConnection, topics: list[str]) -> dict[str, dict[int, int]]:
-    consumer = AIOKafkaConsumer(
-        **kafka.kwargs(), isolation_level="read_uncommitted", enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in await partitions_of(consumer, t)]
-        got = await consumer.end_offsets(tps) if tps else {}
-    finally:
-        await consumer.stop()
-    high: dict[str, dict[int, int]] = {t: {} for t in topics}
-    for tp, off in got.items():
-        high[tp.topic][tp.partition] = off
-    return high
-
-
 async def run_round(
     follower: Follower, settings: Settings, *, round_records: int = ROUND_RECORDS
 ) -> Round:
@@ -947,7 +930,7 @@ async def run_round(
     feeds = follower.feeds()
     # After the committed offsets: the outputs of the transactions that committed them
     # are below these (step 2).
-    high = await _high_watermarks(kafka, [t for t, _ in feeds if t != follower.raw_topic])
+    high = await ends_of(kafka, [t for t, _ in feeds if t != follower.raw_topic], committed=False)
     consumer = AIOKafkaConsumer(
         **kafka.kwargs(),
         isolation_level="read_committed",
